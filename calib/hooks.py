@@ -1,0 +1,128 @@
+"""Calibration hooks: feed observers with what targeted modules read.
+
+``observe(model, ...)`` is a context manager: forward pre-hooks are attached on
+enter and removed on exit, whatever happens inside. Per batch the caller sets
+the attention mask (:meth:`ObservationSession.set_mask`), so padding positions
+never reach an observer.
+
+Modules that read the same tensor and that serving stacks fuse into one GEMM
+(q/k/v, gate/up) share one observer: they get identical input scales, and the
+shared tensor is observed once per forward (the hook compares the input with
+the last tensor the group saw, by identity).
+
+KV cache: keys and values are observed where the model hands them to its cache
+(``Cache.update``), i.e. keys after rotary embedding, exactly as the cache will
+store them. A calibration forward passes :class:`ObservingCache` as
+``past_key_values``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from calib.observers import Observer
+
+
+@dataclass
+class InputGroup:
+    """Modules that share one input tensor and one observer."""
+
+    names: list[str]
+    observer: Observer
+    last_input: weakref.ref | None = field(default=None, repr=False)
+
+
+def _positions_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The token mask that applies to ``x``, or None when every row is real."""
+    if mask is None:
+        return None
+    if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return mask
+    if x.dim() == 2 and x.shape[0] == mask.numel():  # flattened tokens (e.g. some MoE paths)
+        return mask.reshape(-1)
+    return None  # a layout we cannot align with tokens: observe all of it
+
+
+class ObservationSession:
+    """State shared by the hooks during one calibration run."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self.kv_observers: dict[int, tuple[Observer, Observer]] = {}
+
+    def set_mask(self, attention_mask: torch.Tensor | None) -> None:
+        """Set the padding mask of the next batch (``attention_mask == 0`` is padding)."""
+        if attention_mask is None or bool(attention_mask.all()):
+            self.mask = None
+        else:
+            self.mask = attention_mask.bool()
+
+
+class ObservingCache:
+    """Factory for a transformers ``DynamicCache`` whose ``update`` observes K and V.
+
+    Built lazily so that importing calib does not import transformers' cache.
+    """
+
+    @staticmethod
+    def create(session: ObservationSession, config=None):
+        from transformers import DynamicCache
+
+        class _ObservingCache(DynamicCache):
+            def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+                observers = session.kv_observers.get(layer_idx)
+                if observers is not None:
+                    # [batch, kv_heads, seq, head_dim] -> positions on dims 0 and 2
+                    mask = session.mask
+                    k = key_states.transpose(1, 2)  # [batch, seq, heads, dim]
+                    v = value_states.transpose(1, 2)
+                    kmask = mask if (mask is not None and tuple(k.shape[:2]) == tuple(mask.shape)) else None
+                    observers[0].update(k.flatten(2), kmask)
+                    observers[1].update(v.flatten(2), kmask)
+                return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+        return _ObservingCache(config=config) if config is not None else _ObservingCache()
+
+
+@contextlib.contextmanager
+def observe(
+    model: nn.Module,
+    groups: list[InputGroup],
+    kv_observers: dict[int, tuple[Observer, Observer]] | None = None,
+) -> Iterator[ObservationSession]:
+    """Attach input observers to the modules named in ``groups`` for the duration."""
+    session = ObservationSession()
+    session.kv_observers = dict(kv_observers or {})
+    modules = dict(model.named_modules())
+    handles = []
+
+    def make_hook(group: InputGroup):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if not args:
+                return
+            x = args[0]
+            last = group.last_input() if group.last_input is not None else None
+            if last is x:
+                return  # a fused sibling already observed this very tensor
+            group.last_input = weakref.ref(x)
+            group.observer.update(x.detach(), _positions_mask(x, session.mask))
+
+        return hook
+
+    try:
+        for group in groups:
+            hook = make_hook(group)
+            for name in group.names:
+                handles.append(modules[name].register_forward_pre_hook(hook))
+        yield session
+    finally:
+        for handle in handles:
+            handle.remove()
+        for group in groups:
+            group.last_input = None

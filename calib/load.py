@@ -1,0 +1,93 @@
+"""Reading a calib (compressed-tensors) checkpoint back without compressed-tensors.
+
+``load(path)`` rebuilds the float model with every quantized weight
+dequantized (``q * scale``), for evaluation and for stacks that cannot run the
+quantized format. Serving stacks read the checkpoint directly; tests check
+that transformers + compressed-tensors and this loader agree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from calib import qmath
+from calib.errors import ModelNotFoundError
+from calib.recipe import Recipe
+
+SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".input_zero_point", ".k_scale", ".v_scale",
+                  ".weight_zero_point")
+
+
+def read_tensors(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a checkpoint folder and the first shard's ``__metadata__``."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"no .safetensors files in {folder}")
+    tensors, metadata = {}, {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = metadata or dict(handle.metadata() or {})
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    return tensors, metadata
+
+
+def dequantize_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Float weights from quantized ones; scale-only tensors are dropped.
+
+    Granularity is read from the scale's shape: ``[1]`` tensor, ``[out, 1]``
+    channel, ``[out, in / g]`` group of ``g``. Weights come back in the scale's
+    dtype (the model dtype the checkpoint was made from).
+    """
+    out = {}
+    for key, tensor in tensors.items():
+        if key.endswith(SCALE_SUFFIXES):
+            continue
+        scale = tensors.get(key[: -len(".weight")] + ".weight_scale") if key.endswith(".weight") else None
+        if scale is None:
+            out[key] = tensor
+            continue
+        rows, cols = tensor.shape
+        if scale.numel() == 1:
+            full = scale.reshape(1, 1).float()
+        elif scale.shape[-1] == 1:
+            full = scale.reshape(rows, 1).float()
+        else:
+            full = qmath.expand_scale(scale.float(), tensor.shape, "group", cols // scale.shape[-1])
+        out[key] = qmath.dequantize(tensor, full, dtype=scale.dtype)
+    return out
+
+
+def load(path: str | Path, dtype: torch.dtype | None = None):
+    """The float model of a calib checkpoint (weights dequantized), in eval mode."""
+    import transformers
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"{folder} has no config.json: not a checkpoint folder")
+    raw = json.loads((folder / "config.json").read_text())
+    Recipe.from_quantization_config(raw["quantization_config"])  # validates what we are reading
+    raw.pop("quantization_config")
+    config = transformers.AutoConfig.for_model(**raw)
+    archs = raw.get("architectures") or []
+    causal = any(a.endswith("ForCausalLM") for a in archs)
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    model = auto.from_config(config)
+    state = dequantize_state_dict(read_tensors(folder)[0])
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        model.to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) \
+        else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
+    return model.eval()

@@ -1,0 +1,278 @@
+"""The one-way flow: calibrate -> quantize -> export, and ``run`` that does all
+three from names and paths (what the CLI calls)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calib import __version__
+from calib.data import CalibrationSet, build_calibration_set
+from calib.errors import CalibInputError
+from calib.export import atomic_directory, check_output, model_config_dict, parse_size, write_side_files, \
+    write_tensors
+from calib.hooks import InputGroup, ObservingCache, observe
+from calib.observers import Observer, make_observer
+from calib.quantize import Plan, QuantizeResult, plan_for, quantized_tensors
+from calib.recipe import Recipe, load_recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Calibration:
+    """What calibration learnt: observers per targeted module and per KV layer."""
+
+    plan: Plan
+    input_observers: dict[str, Observer] = field(default_factory=dict)
+    kv_observers: dict[int, tuple[Observer, Observer]] = field(default_factory=dict)
+    batches: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def _forward_kwargs(model: nn.Module, plan: Plan, kv: bool, session) -> dict:
+    params = inspect.signature(model.forward).parameters
+    kwargs = {}
+    if "use_cache" in params:
+        kwargs["use_cache"] = kv
+    if kv:
+        kwargs["past_key_values"] = ObservingCache.create(session, getattr(model, "config", None))
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    head_observed = head is not None and any(m is head for m in plan.targets.values())
+    if "logits_to_keep" in params and not head_observed:
+        kwargs["logits_to_keep"] = 1  # calibration needs no logits: skip most of the LM head's work
+    return kwargs
+
+
+def calibrate(model: nn.Module, recipe: Recipe, data: CalibrationSet | None, batch_size: int = 8,
+              pad_token_id: int = 0, progress: bool = True) -> Calibration:
+    """Run the calibration set through the model with observers attached.
+
+    Recipes with only dynamic activations (or none) need no data: the forward
+    pass is skipped and ``data`` may be None.
+    """
+    plan = plan_for(model, recipe)
+    calibration = Calibration(plan=plan)
+    if not recipe.needs_calibration:
+        return calibration
+    if data is None or not data.samples:
+        raise CalibInputError(f"recipe {recipe.name!r} has static scales and needs calibration data")
+    groups: list[InputGroup] = []
+    acts = recipe.input_activations
+    if acts is not None and not acts.dynamic:
+        done: set[str] = set()
+        for name in plan.targets:
+            if name in done:
+                continue
+            members = plan.group_of(name)
+            done.update(members)
+            group = InputGroup(names=members, observer=make_observer(acts.observer, acts.observer_kwargs))
+            groups.append(group)
+            calibration.input_observers.update({m: group.observer for m in members})
+    if recipe.kv_cache is not None:
+        calibration.kv_observers = {i: (Observer(), Observer()) for i in plan.attention}
+
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    total = data.num_batches(batch_size)
+    with torch.inference_mode(), observe(model, groups, calibration.kv_observers) as session:
+        bar = tqdm(data.batches(batch_size, pad_token_id), total=total, desc="calibrate", unit="batch",
+                   disable=not progress)
+        for batch in bar:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            session.set_mask(batch["attention_mask"])
+            model(**batch, **_forward_kwargs(model, plan, recipe.kv_cache is not None, session))
+            calibration.batches += 1
+            calibration.tokens += int(batch["attention_mask"].sum())
+    calibration.seconds = time.perf_counter() - start
+    return calibration
+
+
+def quantize(model: nn.Module, recipe: Recipe, calibration: Calibration | None = None,
+             result: QuantizeResult | None = None) -> dict[str, torch.Tensor]:
+    """The quantized state dict in memory (checkpoint names and dtypes).
+
+    :func:`export` streams the same tensors to disk instead of holding them.
+    """
+    calibration = calibration or calibrate(model, recipe, None)
+    return dict(quantized_tensors(model, recipe, calibration.plan, calibration.input_observers,
+                                  calibration.kv_observers, result))
+
+
+def provenance(recipe: Recipe, data: CalibrationSet | None) -> dict[str, str]:
+    import transformers
+
+    observers = {"weights": recipe.weights.observer}
+    if recipe.input_activations is not None:
+        observers["input_activations"] = "dynamic" if recipe.input_activations.dynamic \
+            else recipe.input_activations.observer
+    return {
+        "calib_version": __version__,
+        "calib_recipe": recipe.to_yaml(),
+        "calib_dataset": data.source if data else "none (no calibration needed)",
+        "calib_dataset_fingerprint": data.fingerprint if data else "",
+        "calib_num_samples": str(len(data.samples)) if data else "0",
+        "calib_seq_len": str(data.seq_len) if data else "0",
+        "calib_observer": ", ".join(f"{k}={v}" for k, v in observers.items()),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+
+
+def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Calibration | None = None,
+           tokenizer=None, data: CalibrationSet | None = None, max_shard_size: str | int = "5GB",
+           overwrite: bool = False, report: dict | None = None, progress: bool = True) -> "ExportSummary":
+    """Quantize and write a compressed-tensors checkpoint to ``output`` atomically.
+
+    If ``report`` is given it is completed with the export figures and written
+    as ``calib_report.json`` inside the checkpoint before it is moved into place.
+    """
+    import json
+
+    calibration = calibration or calibrate(model, recipe, None)
+    shard_bytes = parse_size(max_shard_size)
+    result = QuantizeResult()
+    start = time.perf_counter()
+    with atomic_directory(Path(output), overwrite) as folder:
+        stream = quantized_tensors(model, recipe, calibration.plan, calibration.input_observers,
+                                   calibration.kv_observers, result)
+        written = write_tensors(folder, tqdm(stream, desc="quantize+write", unit="tensor", disable=not progress),
+                                provenance(recipe, data), shard_bytes)
+        ignore = sorted(set(recipe.ignore) | set(calibration.plan.ignored))
+        config = model_config_dict(model, recipe.to_quantization_config(ignore=ignore))
+        write_side_files(folder, model, tokenizer, config, recipe.to_yaml())
+        summary = ExportSummary(output=str(Path(output).resolve()), files=written.files,
+                                size_after_bytes=written.total_bytes, quantize_s=result.seconds,
+                                export_s=time.perf_counter() - start - result.seconds, result=result)
+        if report is not None:
+            report.update(summary.as_report())
+            report["timings_s"]["quantize"] = round(summary.quantize_s, 3)
+            report["timings_s"]["export"] = round(summary.export_s, 3)
+            (folder / "calib_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return summary
+
+
+@dataclass
+class ExportSummary:
+    output: str
+    files: list[str]
+    size_after_bytes: int
+    quantize_s: float
+    export_s: float
+    result: QuantizeResult
+
+    def as_report(self) -> dict:
+        return {
+            "output": self.output,
+            "files": self.files,
+            "size_after_bytes": self.size_after_bytes,
+            "layers_quantized": len(self.result.layers),
+            "unobserved_modules": self.result.unobserved,
+            "nonfinite_values_dropped": self.result.nonfinite,
+            "kv_scales": self.result.kv_scales,
+            "layers": [asdict(layer) for layer in self.result.layers],
+        }
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run(
+    model: str | None = None,
+    recipe: str | Recipe = "fp8-static",
+    dataset: str | None = None,
+    output: str | Path = "calib-out",
+    *,
+    text_column: str = "text",
+    split: str = "train",
+    num_samples: int | None = None,
+    seq_len: int | None = None,
+    batch_size: int | None = None,
+    packing: str = "auto",
+    seed: int = 0,
+    dtype: str = "auto",
+    device: str = "auto",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Load, calibrate, quantize and export; returns the report (also written
+    as ``calib_report.json`` in the output)."""
+    from calib.models import load_model
+
+    total_start = time.perf_counter()
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)  # fails before any model loads
+    output = Path(output)
+    check_output(output.resolve(), overwrite)
+    parse_size(max_shard_size)
+    if packing not in ("auto", "pack", "rows"):
+        raise CalibInputError(f"--packing {packing!r} is not one of auto, pack, rows")
+    num_samples = num_samples or recipe.calibration.num_samples
+    seq_len = seq_len or recipe.calibration.seq_len
+    batch_size = batch_size or recipe.calibration.batch_size
+
+    start = time.perf_counter()
+    loaded = load_model(model, dtype=dtype)
+    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if device == "auto" else device))
+    loaded.model.to(target)
+    load_s = time.perf_counter() - start
+
+    data = None
+    if recipe.needs_calibration:
+        packed = loaded.is_causal_lm if packing == "auto" else packing == "pack"
+        data = build_calibration_set(loaded.tokenizer, dataset, num_samples=num_samples, seq_len=seq_len,
+                                     text_column=text_column, split=split, packed=packed, seed=seed)
+    elif dataset is not None:
+        log.info("recipe %s computes every scale without data: --dataset is not used", recipe.name)
+    tok = loaded.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    calibration = calibrate(loaded.model, recipe, data, batch_size=batch_size, pad_token_id=pad,
+                            progress=progress)
+
+    report = {
+        "calib_version": __version__,
+        "model": loaded.source,
+        "model_class": type(loaded.model).__name__,
+        "recipe": recipe.name,
+        "format": recipe.format,
+        "device": str(target),
+        "dataset": data.source if data else None,
+        "dataset_fingerprint": data.fingerprint if data else None,
+        "num_samples": len(data.samples) if data else 0,
+        "seq_len": data.seq_len if data else None,
+        "calibration_tokens": calibration.tokens,
+        "timings_s": {"load": round(load_s, 3), "calibrate": round(calibration.seconds, 3)},
+        "size_before_bytes": state_dict_bytes(loaded.model),
+    }
+    export(loaded.model, recipe, output, calibration, tokenizer=tok, data=data, max_shard_size=max_shard_size,
+           overwrite=overwrite, report=report, progress=progress)
+    report["timings_s"]["total"] = round(time.perf_counter() - total_start, 3)
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if torch.cuda.is_available():
+        report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    # The copy inside the checkpoint was written before the rename; refresh the totals.
+    import json
+
+    (Path(output) / "calib_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

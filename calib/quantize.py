@@ -1,0 +1,316 @@
+"""Which modules are quantized, and their quantized tensors.
+
+The result of quantization is *data*: an ordered stream of ``(name, tensor)``
+pairs in the checkpoint's naming (``X.weight`` int8/fp8, ``X.weight_scale``,
+``X.input_scale``, ``...self_attn.k_scale``), never module surgery on the model.
+Export writes that stream; the model in memory stays a plain float model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from calib import qmath
+from calib.errors import CalibInputError
+from calib.observers import Observer, weight_amax_mse
+from calib.recipe import QuantArgs, Recipe
+
+log = logging.getLogger(__name__)
+
+# Sibling projections that vLLM/SGLang load into one fused GEMM. They read the
+# same input, so they must share input scales; FP8 per-tensor weight scales are
+# shared too (vLLM would otherwise re-quantize every shard to the largest one).
+FUSED_SIBLINGS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("query", "key", "value"),  # BERT-style attention
+    ("w1", "w3"),  # Mixtral-style experts
+)
+
+
+def matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
+    """compressed-tensors matching: exact module name, ``re:`` regex (``re.match``,
+    anchored at the start), or module class name."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.match(pattern[3:], name):
+                return True
+        elif pattern == name or pattern == type(module).__name__:
+            return True
+    return False
+
+
+def tied_to_input_embeddings(model: nn.Module, name: str, module: nn.Module) -> bool:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return emb is not None and getattr(emb, "weight", None) is getattr(module, "weight", None)
+
+
+@dataclass
+class Plan:
+    """The modules a recipe quantizes in one model, and how they group."""
+
+    targets: dict[str, nn.Linear]
+    ignored: list[str]  # targeted-by-class modules left in high precision
+    fused: list[list[str]]  # groups of sibling names served as one GEMM
+    attention: dict[int, str] = field(default_factory=dict)  # layer_idx -> attention module name
+
+    def group_of(self, name: str) -> list[str]:
+        for group in self.fused:
+            if name in group:
+                return group
+        return [name]
+
+
+def plan_for(model: nn.Module, recipe: Recipe) -> Plan:
+    targets: dict[str, nn.Linear] = {}
+    ignored: list[str] = []
+    for name, module in model.named_modules():
+        if not name or not matches(name, module, recipe.targets):
+            continue
+        if not isinstance(module, nn.Linear):
+            log.debug("target %s matched %s (not a Linear): skipped", name, type(module).__name__)
+            continue
+        if matches(name, module, recipe.ignore):
+            ignored.append(name)
+            continue
+        if tied_to_input_embeddings(model, name, module):
+            log.info("%s shares its weight with the input embeddings: left in high precision", name)
+            ignored.append(name)
+            continue
+        targets[name] = module
+    if not targets:
+        raise CalibInputError(
+            f"recipe targets {recipe.targets} (minus ignore {recipe.ignore}) match no Linear module in "
+            f"{type(model).__name__}. Check the targets/ignore fields of the recipe."
+        )
+    fused = _fused_groups(targets, ignored)
+    attention = {}
+    if recipe.kv_cache is not None:
+        for name, module in model.named_modules():
+            if isinstance(getattr(module, "layer_idx", None), int) and name.endswith(("self_attn", "attention")):
+                attention[module.layer_idx] = name
+        if not attention:
+            raise CalibInputError(
+                f"recipe {recipe.name!r} asks for FP8 KV-cache scales, but {type(model).__name__} has no "
+                "decoder attention modules with a KV cache (an encoder?). Use a recipe without kv_cache."
+            )
+    return Plan(targets=targets, ignored=ignored, fused=fused, attention=attention)
+
+
+def _fused_groups(targets: dict[str, nn.Linear], ignored: list[str]) -> list[list[str]]:
+    groups = []
+    candidates = set(targets) | set(ignored)
+    parents = {name.rpartition(".")[0] for name in candidates}
+    for parent in sorted(parents):
+        for siblings in FUSED_SIBLINGS:
+            names = [f"{parent}.{s}" if parent else s for s in siblings]
+            present = [n for n in names if n in candidates]
+            if len(present) < 2:
+                continue
+            quantized = [n for n in present if n in targets]
+            if quantized and len(quantized) != len(present):
+                skipped = sorted(set(present) - set(quantized))
+                raise CalibInputError(
+                    f"ignore leaves {skipped} in high precision but quantizes {quantized}: serving stacks fuse "
+                    "these into one GEMM and need one scheme for all of them. Ignore all or none."
+                )
+            if quantized:
+                groups.append(quantized)
+    return groups
+
+
+def weight_amax(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """The clipping range of a weight at the scheme's granularity."""
+    amax = qmath.amax_per_strategy(w, args.strategy, args.group_size)
+    if args.observer == "mse":
+        qmax = qmath.qmax_for(args.num_bits, args.is_fp8)
+        if args.strategy == "group":
+            rows = w.reshape(-1, args.group_size)
+            return weight_amax_mse(rows, amax.reshape(-1, 1), qmax, args.is_fp8).reshape(amax.shape)
+        return weight_amax_mse(w, amax, qmax, args.is_fp8)
+    return amax
+
+
+def quantize_weight(w: torch.Tensor, args: QuantArgs, amax: torch.Tensor,
+                    scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, stored_scale)``: the weight quantized with exactly the scale as stored."""
+    qmax = qmath.qmax_for(args.num_bits, args.is_fp8)
+    scale = qmath.storage_scale(qmath.symmetric_scale(amax, qmax), scale_dtype)
+    full = qmath.expand_scale(scale.to(torch.float32), w.shape, args.strategy, args.group_size)
+    if args.is_fp8:
+        q = qmath.quantize_fp8(w, full)
+    else:
+        q = qmath.quantize_int(w, full, qmin=-int(qmax) - 1, qmax=int(qmax))
+    return q, scale
+
+
+@dataclass
+class LayerStats:
+    name: str
+    shape: list[int]
+    weight_sqnr_db: float
+    weight_amax: float
+    input_amax: float | None = None
+    input_scale: float | None = None
+    observed_tokens: int | None = None
+    note: str = ""
+
+
+@dataclass
+class QuantizeResult:
+    """Filled while :func:`quantized_tensors` is consumed."""
+
+    layers: list[LayerStats] = field(default_factory=list)
+    kv_scales: dict[str, dict[str, float]] = field(default_factory=dict)
+    unobserved: list[str] = field(default_factory=list)
+    nonfinite: int = 0
+    seconds: float = 0.0
+
+
+def _shared_fallback(name: str, observed: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """For a module that saw no tokens (an MoE expert nobody routed to): the
+    largest input range of its same-role siblings (same name up to the last index)."""
+    indices = list(re.finditer(r"\.\d+\.", name))
+    if not indices:
+        return None
+    last = indices[-1]
+    pattern = re.escape(name[: last.start()]) + r"\.\d+\." + re.escape(name[last.end():])
+    siblings = [amax for other, amax in observed.items() if other != name and re.fullmatch(pattern, other)]
+    return torch.stack(siblings).max() if siblings else None
+
+
+def activation_amax(plan: Plan, observers: dict[str, Observer], args: QuantArgs,
+                    result: QuantizeResult) -> dict[str, torch.Tensor]:
+    """Input clipping range per targeted module (fused siblings share one)."""
+    qmax = qmath.qmax_for(args.num_bits, args.is_fp8)
+    observed = {name: obs.amax(qmax, args.is_fp8) for name, obs in observers.items() if obs.observed}
+    amax: dict[str, torch.Tensor] = {}
+    for name in plan.targets:
+        if name in observed:
+            amax[name] = observed[name]
+            continue
+        fallback = _shared_fallback(name, observed)
+        if fallback is None:
+            raise CalibInputError(
+                f"{name} received no calibration tokens, so it has no static input scale. Use more or longer "
+                "calibration samples, ignore the module, or a recipe with dynamic activations."
+            )
+        result.unobserved.append(name)
+        log.warning("%s received no calibration tokens: using the largest input range of its siblings", name)
+        amax[name] = fallback
+    return amax
+
+
+def quantized_tensors(
+    model: nn.Module,
+    recipe: Recipe,
+    plan: Plan,
+    input_observers: dict[str, Observer] | None = None,
+    kv_observers: dict[int, tuple[Observer, Observer]] | None = None,
+    result: QuantizeResult | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors in ``state_dict`` order, quantized where planned.
+
+    Tensors that are not quantized keep their dtype. Tied weights are written
+    once (under their first name); loaders re-tie them from the config.
+    """
+    result = result if result is not None else QuantizeResult()
+    w_args, a_args = recipe.weights, recipe.input_activations
+    static_inputs = a_args is not None and not a_args.dynamic
+    input_amax = activation_amax(plan, input_observers or {}, a_args, result) if static_inputs else {}
+
+    shared_weight_amax: dict[str, torch.Tensor] = {}
+    if w_args.is_fp8 and w_args.strategy == "tensor":
+        for group in plan.fused:
+            top = torch.stack([plan.targets[n].weight.detach().abs().amax().float() for n in group]).max()
+            shared_weight_amax.update({n: top.reshape(1) for n in group})
+
+    kv_by_attention = {}
+    for layer_idx, attn_name in plan.attention.items():
+        kv_by_attention[attn_name] = (kv_observers or {}).get(layer_idx)
+
+    seen_storage: set[tuple[int, tuple[int, ...]]] = set()
+    weight_names = {f"{name}.weight": name for name in plan.targets}
+    for key, tensor in model.state_dict(keep_vars=False).items():
+        storage = (tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and storage in seen_storage:
+            continue  # a tied weight already written under another name
+        seen_storage.add(storage)
+        module_name = weight_names.get(key)
+        if module_name is None:
+            yield key, tensor
+            continue
+        start = time.perf_counter()
+        yield from _quantize_layer(module_name, tensor, recipe, input_amax, shared_weight_amax,
+                                   input_observers or {}, result)
+        result.seconds += time.perf_counter() - start
+
+    start = time.perf_counter()
+    for attn_name, observers in kv_by_attention.items():
+        if observers is None or not observers[0].observed:
+            raise CalibInputError(f"{attn_name}: no key/value states were observed, so no KV-cache scale. "
+                                  "Calibrate with at least one sample.")
+        scales = {}
+        dtype = _module_dtype(model, attn_name)
+        for which, obs in zip(("k", "v"), observers):
+            scale = qmath.storage_scale(qmath.symmetric_scale(obs.absmax().reshape(1), qmath.FP8_MAX), dtype)
+            result.nonfinite += obs.nonfinite
+            scales[f"{which}_scale"] = float(scale)
+            yield f"{attn_name}.{which}_scale", scale
+        result.kv_scales[attn_name] = scales
+    unique = {id(o): o for o in (input_observers or {}).values()}
+    result.nonfinite += sum(o.nonfinite for o in unique.values())
+    result.seconds += time.perf_counter() - start
+
+
+def _module_dtype(model: nn.Module, name: str) -> torch.dtype:
+    module = model.get_submodule(name)
+    for p in module.parameters():
+        return p.dtype
+    return torch.float32
+
+
+def _quantize_layer(name, weight, recipe, input_amax, shared_weight_amax, input_observers, result):
+    w_args, a_args = recipe.weights, recipe.input_activations
+    dtype = weight.dtype
+    amax = shared_weight_amax.get(name)
+    if amax is None:
+        amax = weight_amax(weight, w_args)
+    q, scale = quantize_weight(weight, w_args, amax, dtype)
+    full = qmath.expand_scale(scale.float(), weight.shape, w_args.strategy, w_args.group_size)
+    stats = LayerStats(
+        name=name,
+        shape=list(weight.shape),
+        weight_sqnr_db=round(qmath.sqnr_db(weight, q.to(torch.float32) * full), 2),
+        weight_amax=float(amax.max()),
+    )
+    yield f"{name}.weight", q
+    yield f"{name}.weight_scale", scale
+    if name in input_amax:
+        qmax = qmath.qmax_for(a_args.num_bits, a_args.is_fp8)
+        obs = input_observers.get(name)
+        if a_args.symmetric:
+            in_scale = qmath.storage_scale(qmath.symmetric_scale(input_amax[name].reshape(1), qmax), dtype)
+            yield f"{name}.input_scale", in_scale
+        else:
+            if obs is None or not obs.observed:
+                raise CalibInputError(f"{name} received no calibration tokens: no asymmetric input range")
+            in_scale, zero_point = qmath.asymmetric_qparams(obs.min_val.reshape(1), obs.max_val.reshape(1))
+            in_scale = qmath.storage_scale(in_scale, dtype)
+            yield f"{name}.input_scale", in_scale
+            yield f"{name}.input_zero_point", zero_point
+        stats.input_amax = float(input_amax[name])
+        stats.input_scale = float(in_scale)
+        if obs is not None:
+            stats.observed_tokens = obs.count
+        else:
+            stats.note = "no tokens observed: sibling range used"
+    result.layers.append(stats)

