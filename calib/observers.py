@@ -167,12 +167,14 @@ class HistogramObserver(Observer):
             return
         if top > self.edge:
             self._grow_to(top)
-        a = _valid(x, mask).abs().reshape(-1).float()
+        v = _valid(x, mask) if mask is not None else x
         if self.nonfinite:
-            a = a[torch.isfinite(a)]
-        # Bin index = floor(|x| * bins / edge); the top value lands in the last bin.
-        idx = (a * (self.bins / self.edge)).to(torch.int64).clamp_(max=self.bins - 1)
-        self.hist += torch.bincount(idx, minlength=self.bins).to(torch.float64)
+            v = v[torch.isfinite(v)]
+        # One pass over the signed values with 2*bins bins on [-edge, edge], then
+        # fold: bin bins+i holds |x| in bin i from above, bin bins-1-i from below.
+        # (Cheaper than materialising |x| and its bin indices.)
+        signed = torch.histc(v.float(), bins=2 * self.bins, min=-self.edge, max=self.edge)
+        self.hist += (signed[self.bins:] + signed[: self.bins].flip(0)).to(torch.float64)
 
     def centers(self) -> torch.Tensor:
         width = self.edge / self.bins
