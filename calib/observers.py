@@ -124,7 +124,7 @@ def expected_sq_error(centers: torch.Tensor, counts: torch.Tensor, clip: torch.T
         exp = torch.floor(torch.log2(torch.clamp(v / scale, min=2.0 ** -6)))
         step = torch.pow(2.0, exp - 3) * scale
     else:
-        step = scale.expand_as(v)
+        step = scale  # broadcasts over the bins
     err = torch.where(v > c, (v - c) ** 2, step ** 2 / 12.0)
     return (err * counts.unsqueeze(0)).sum(dim=1)
 

@@ -1,0 +1,42 @@
+"""Shared fixtures: the trained models and text in ../shared (CI has it beside
+the checkout), and small helpers. Everything runs offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CALIB_SHARED", ROOT.parent / "shared"))
+TINYSTORIES = SHARED / "models" / "tinystories-llama-263k"
+TINYSTORIES_TEXT = SHARED / "data" / "tinystories" / "tinystories_val.txt"
+SHAKESPEARE = SHARED / "models" / "tinyshakespeare-llama-263k"
+WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def split_text(path: Path, frac: float = 0.9) -> tuple[str, str]:
+    """(first 90 %, last 10 %) of a text file by characters: calibration / held-out."""
+    text = path.read_text(encoding="utf-8")
+    cut = int(len(text) * frac)
+    return text[:cut], text[cut:]
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not TINYSTORIES.is_dir():
+        pytest.fail(f"test fixtures not found at {SHARED} (set CALIB_SHARED to the shared/ folder)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tinystories_split(shared, tmp_path_factory) -> tuple[Path, str]:
+    """A .txt of the first 90 % of TinyStories val (calibration) and the held-out last 10 %."""
+    calib_text, heldout = split_text(TINYSTORIES_TEXT)
+    path = tmp_path_factory.mktemp("data") / "tinystories_calib.txt"
+    path.write_text(calib_text, encoding="utf-8")
+    return path, heldout

@@ -1,0 +1,302 @@
+"""Checkpoints of a real trained Llama, read back by an independent reader
+(transformers + compressed-tensors), checked tensor by tensor and by
+held-out perplexity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+import yaml
+from safetensors import safe_open
+
+import calib
+from calib.data import build_calibration_set
+from calib.errors import CalibInputError
+from calib.evaluate import perplexity
+from calib.load import read_tensors
+from conftest import TINYSTORIES
+
+SAMPLES, SEQ = 64, 128
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def ct_load(path, **kwargs):
+    """The independent reader: transformers with compressed-tensors."""
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(str(TINYSTORIES))
+
+
+@pytest.fixture(scope="module")
+def fp32_ppl(tinystories_split, tokenizer):
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES)).eval()
+    return perplexity(model, tokenizer, tinystories_split[1])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tinystories_split, tmp_path_factory):
+    """One checkpoint per bundled recipe, calibrated on the first 90 % of TinyStories val."""
+    calib_txt, _ = tinystories_split
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for name in calib.bundled_recipes():
+        report = calib.run(model=str(TINYSTORIES), recipe=name, dataset=str(calib_txt), output=root / name,
+                           num_samples=SAMPLES, seq_len=SEQ, batch_size=16, progress=False)
+        out[name] = (root / name, report)
+    return out
+
+
+def tensors_of(path):
+    return read_tensors(path)[0]
+
+
+def linear_names():
+    return [f"model.layers.{i}.{'self_attn' if p in LINEARS[:4] else 'mlp'}.{p}" for i in range(4) for p in LINEARS]
+
+
+@pytest.mark.parametrize("recipe, wdtype, wscale_shape, has_input_scale", [
+    ("fp8-static", torch.float8_e4m3fn, "tensor", True),
+    ("fp8-dynamic", torch.float8_e4m3fn, "channel", False),
+    ("fp8-static-kv", torch.float8_e4m3fn, "tensor", True),
+    ("int8-w8a8-dynamic", torch.int8, "channel", False),
+    ("int8-w8a8-static", torch.int8, "channel", True),
+    ("int8-w8a16", torch.int8, "channel", False),
+])
+def test_tensor_names_dtypes_and_shapes(checkpoints, recipe, wdtype, wscale_shape, has_input_scale):
+    tensors = tensors_of(checkpoints[recipe][0])
+    for name in linear_names():
+        w = tensors[f"{name}.weight"]
+        assert w.dtype == wdtype and w.dim() == 2
+        scale = tensors[f"{name}.weight_scale"]
+        assert scale.dtype == torch.float32
+        expected = (1,) if wscale_shape == "tensor" else (w.shape[0], 1)
+        assert tuple(scale.shape) == expected  # [1] not [1, 1]; [out, 1] not [out]
+        assert (scale > 0).all() and torch.isfinite(scale).all()
+        assert (f"{name}.input_scale" in tensors) == has_input_scale
+        if has_input_scale:
+            assert tuple(tensors[f"{name}.input_scale"].shape) == (1,)
+    assert not [k for k in tensors if "zero_point" in k]  # symmetric: vLLM rejects unexpected names
+    assert tensors["lm_head.weight"].dtype == torch.float32  # ignored: high precision
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float32
+    assert tensors["model.norm.weight"].dtype == torch.float32
+    assert ("model.layers.0.self_attn.k_scale" in tensors) == (recipe == "fp8-static-kv")
+
+
+def test_weights_are_quantized_with_the_stored_scale(checkpoints):
+    tensors = tensors_of(checkpoints["fp8-static"][0])
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES))
+    w = base.model.layers[1].mlp.down_proj.weight.detach()
+    q, scale = tensors["model.layers.1.mlp.down_proj.weight"], tensors["model.layers.1.mlp.down_proj.weight_scale"]
+    expected = torch.clamp(w / scale, -448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(q.view(torch.uint8), expected.view(torch.uint8))
+    torch.testing.assert_close(scale, (w.abs().max() / 448).reshape(1))
+
+
+def test_quantization_config_is_what_compressed_tensors_reads(checkpoints):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    for recipe, (path, _) in checkpoints.items():
+        config = json.loads((path / "config.json").read_text())["quantization_config"]
+        assert config["quant_method"] == "compressed-tensors"
+        assert config["quantization_status"] == "compressed"
+        assert config["ignore"] == ["lm_head"]
+        parsed = QuantizationConfig.model_validate(config)
+        group = parsed.config_groups["group_0"]
+        assert group.targets == ["Linear"]
+        expected_format = {"fp8": "float-quantized", "int8-w8a8": "int-quantized", "int8-w8a16": "naive-quantized"}
+        assert config["format"] == next(v for k, v in expected_format.items() if recipe.startswith(k))
+        if recipe == "fp8-static-kv":
+            kv = config["kv_cache_scheme"]
+            assert kv == {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
+                          "dynamic": False, "group_size": None, "block_structure": None, "actorder": None,
+                          "observer": "minmax", "observer_kwargs": {}}
+        else:
+            assert config["kv_cache_scheme"] is None
+
+
+@pytest.mark.parametrize("recipe", ["fp8-static", "fp8-static-kv", "int8-w8a8-static"])
+def test_fused_projections_get_identical_input_scales(checkpoints, recipe):
+    tensors = tensors_of(checkpoints[recipe][0])
+    for i in range(4):
+        attn = [tensors[f"model.layers.{i}.self_attn.{p}_proj.input_scale"] for p in "qkv"]
+        mlp = [tensors[f"model.layers.{i}.mlp.{p}_proj.input_scale"] for p in ("gate", "up")]
+        assert torch.equal(attn[0], attn[1]) and torch.equal(attn[0], attn[2])
+        assert torch.equal(mlp[0], mlp[1])
+        assert not torch.equal(attn[0], tensors[f"model.layers.{i}.self_attn.o_proj.input_scale"])
+
+
+def test_fp8_per_tensor_weight_scales_are_shared_by_fused_shards(checkpoints):
+    tensors = tensors_of(checkpoints["fp8-static"][0])
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES))
+    for i in range(4):
+        attn = [tensors[f"model.layers.{i}.self_attn.{p}_proj.weight_scale"] for p in "qkv"]
+        assert torch.equal(attn[0], attn[1]) and torch.equal(attn[1], attn[2])
+        layer = base.model.layers[i].self_attn
+        top = max(float(m.weight.detach().abs().max()) for m in (layer.q_proj, layer.k_proj, layer.v_proj))
+        assert float(attn[0]) == pytest.approx(top / 448, rel=1e-6)
+        mlp = [tensors[f"model.layers.{i}.mlp.{p}_proj.weight_scale"] for p in ("gate", "up")]
+        assert torch.equal(mlp[0], mlp[1])
+
+
+def test_input_scales_equal_observed_activation_max(checkpoints, tinystories_split, tokenizer):
+    """input_scale = max |input| over the real (unpadded) calibration tokens / 448."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES)).eval()
+    data = build_calibration_set(tokenizer, tinystories_split[0], num_samples=SAMPLES, seq_len=SEQ)
+    seen = {}
+
+    def grab(name):
+        def hook(module, args):
+            seen[name] = max(seen.get(name, 0.0), float(args[0].abs().max()))
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(grab(n)) for n in linear_names()]
+    with torch.no_grad():
+        for batch in data.batches(16, 0):
+            model(**batch)
+    for h in handles:
+        h.remove()
+    tensors = tensors_of(checkpoints["fp8-static"][0])
+    for name in linear_names():
+        assert float(tensors[f"{name}.input_scale"]) == pytest.approx(seen[name] / 448, rel=1e-6)
+
+
+@pytest.mark.parametrize("recipe, bound", [
+    ("fp8-static", 1.02),  # issue bound; llm-compressor: 1.013x
+    ("int8-w8a8-dynamic", 1.01),  # issue bound; llm-compressor: 1.0001x
+    ("fp8-dynamic", 1.02),
+    ("fp8-static-kv", 1.03),
+    ("int8-w8a8-static", 1.02),
+    ("int8-w8a16", 1.005),
+])
+def test_heldout_perplexity_through_compressed_tensors(checkpoints, tinystories_split, tokenizer, fp32_ppl,
+                                                       recipe, bound):
+    assert fp32_ppl == pytest.approx(12.09, abs=0.02)  # the fixture's documented baseline
+    model = ct_load(checkpoints[recipe][0])
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype in (torch.float8_e4m3fn, torch.int8)
+    ratio = perplexity(model, tokenizer, tinystories_split[1]) / fp32_ppl
+    assert 0.99 < ratio <= bound, f"{recipe}: PPL ratio {ratio:.4f} > {bound}"
+
+
+def test_our_loader_and_compressed_tensors_agree_on_weight_only(checkpoints, tokenizer):
+    path = checkpoints["int8-w8a16"][0]
+    ours, theirs = calib.load(path), ct_load(path)
+    ids = tokenizer("Once upon a time there was a little cat.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = ours(ids).logits, theirs(ids).logits
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_kv_scales_come_from_the_keys_the_cache_stores(checkpoints, tinystories_split, tokenizer):
+    """Reference: run the same batches with a plain DynamicCache and read what it stored."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES)).eval()
+    data = build_calibration_set(tokenizer, tinystories_split[0], num_samples=SAMPLES, seq_len=SEQ)
+    kmax, vmax = [0.0] * 4, [0.0] * 4
+    with torch.no_grad():
+        for batch in data.batches(16, 0):
+            cache = transformers.DynamicCache()
+            model(**batch, past_key_values=cache, use_cache=True)
+            for i in range(4):
+                kmax[i] = max(kmax[i], float(cache.layers[i].keys.abs().max()))
+                vmax[i] = max(vmax[i], float(cache.layers[i].values.abs().max()))
+    tensors = tensors_of(checkpoints["fp8-static-kv"][0])
+    for i in range(4):
+        k, v = tensors[f"model.layers.{i}.self_attn.k_scale"], tensors[f"model.layers.{i}.self_attn.v_scale"]
+        assert tuple(k.shape) == (1,) and float(k) > 0 and float(v) > 0
+        assert float(k) == pytest.approx(kmax[i] / 448, rel=1e-6)
+        assert float(v) == pytest.approx(vmax[i] / 448, rel=1e-6)
+
+
+def test_provenance_metadata_and_report(checkpoints):
+    path, report = checkpoints["fp8-static"]
+    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["format"] == "pt"
+    assert meta["calib_version"] == calib.__version__
+    assert calib.parse_recipe(meta["calib_recipe"]) == calib.load_recipe("fp8-static")
+    assert meta["calib_num_samples"] == str(SAMPLES) and meta["calib_seq_len"] == str(SEQ)
+    assert meta["calib_dataset_fingerprint"] == report["dataset_fingerprint"]
+    assert meta["calib_dataset_fingerprint"].startswith("sha256:")
+    on_disk = json.loads((path / "calib_report.json").read_text())
+    assert on_disk["layers_quantized"] == 28
+    assert set(on_disk["timings_s"]) >= {"load", "calibrate", "quantize", "export", "total"}
+    assert on_disk["size_after_bytes"] < on_disk["size_before_bytes"]
+    assert on_disk["calibration_tokens"] == SAMPLES * SEQ
+    assert yaml.safe_load((path / "recipe.yaml").read_text())["name"] == "fp8-static"
+    assert (path / "tokenizer.json").is_file() and (path / "generation_config.json").is_file()
+
+
+def test_bf16_model_keeps_bf16_tensors_and_reloads(tinystories_split, tokenizer, fp32_ppl, tmp_path):
+    out = tmp_path / "bf16"
+    calib.run(model=str(TINYSTORIES), recipe="fp8-static-kv", dataset=str(tinystories_split[0]), output=out,
+              num_samples=32, seq_len=SEQ, dtype="bfloat16", progress=False)
+    tensors = tensors_of(out)
+    for key, tensor in tensors.items():
+        if key.endswith(".weight") and "proj" in key:
+            assert tensor.dtype == torch.float8_e4m3fn
+        else:  # norms, embeddings, lm_head and every scale stay in the model dtype
+            assert tensor.dtype == torch.bfloat16, key
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    model = ct_load(out)
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    ratio = perplexity(model, tokenizer, tinystories_split[1], max_windows=64) / fp32_ppl
+    assert ratio < 1.05
+
+
+def test_sharded_export_has_an_index_and_loads_the_same(checkpoints, tinystories_split, tokenizer, tmp_path):
+    out = tmp_path / "sharded"
+    calib.run(model=str(TINYSTORIES), recipe="fp8-static", dataset=str(tinystories_split[0]), output=out,
+              num_samples=SAMPLES, seq_len=SEQ, batch_size=16, max_shard_size="150KB", progress=False)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    tensors = tensors_of(out)
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    single = tensors_of(checkpoints["fp8-static"][0])
+    assert all(torch.equal(single[k].view(torch.uint8) if single[k].dtype == torch.float8_e4m3fn else single[k],
+                           tensors[k].view(torch.uint8) if tensors[k].dtype == torch.float8_e4m3fn else tensors[k])
+               for k in single)
+    ids = tokenizer("The dog ran to the park.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(ct_load(out)(ids).logits, ct_load(checkpoints["fp8-static"][0])(ids).logits)
+
+
+def test_existing_output_is_refused_without_overwrite(checkpoints, tinystories_split):
+    path = checkpoints["int8-w8a16"][0]
+    before = (path / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(CalibInputError, match="--overwrite"):
+        calib.run(model=str(TINYSTORIES), recipe="int8-w8a16", output=path, progress=False)
+    assert (path / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_interrupted_export_leaves_no_checkpoint_and_keeps_the_old_one(tinystories_split, tmp_path, monkeypatch):
+    import importlib
+
+    export_module = importlib.import_module("calib.export")  # calib.export is also the function
+    out = tmp_path / "ckpt"
+    calib.run(model=str(TINYSTORIES), recipe="int8-w8a16", output=out, progress=False)
+    original = (out / "model.safetensors").read_bytes()
+    calls = []
+
+    def failing_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_save(*args, **kwargs)
+
+    real_save = export_module.save_file
+    monkeypatch.setattr(export_module, "save_file", failing_save)
+    for target, overwrite in ((tmp_path / "fresh", False), (out, True)):
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            calib.run(model=str(TINYSTORIES), recipe="int8-w8a16", output=target, max_shard_size="100KB",
+                      overwrite=overwrite, progress=False)
+    assert not (tmp_path / "fresh").exists()
+    assert (out / "model.safetensors").read_bytes() == original  # the old checkpoint is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no partial directories left behind
