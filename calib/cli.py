@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import textwrap
 
 from calib.errors import CalibInputError
 
@@ -106,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except CalibInputError as exc:
         if args.debug:
             raise
-        print("calib: error: " + textwrap.fill(str(exc), width=100, subsequent_indent="  ")
-              if "\n" not in str(exc) else f"calib: error: {exc}", file=sys.stderr)
+        print(f"calib: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("calib: interrupted; no checkpoint was written", file=sys.stderr)

@@ -101,10 +101,12 @@ def load_rows(source: str | Path | None, split: str = "train"):
     """A ``datasets.Dataset`` from a local path, a hub name, or the packaged texts."""
     import datasets
 
-    path = default_dataset_path() if source is None else Path(source)
+    path = default_dataset_path() if source is None else Path(source).expanduser()
     if path.exists():
         kind, files = _local_files(path)
         kwargs = {"sample_by": "document"} if kind == "text" else {}
+        if all(Path(f).stat().st_size == 0 for f in files):
+            raise DatasetError(f"{path}: no non-empty text to calibrate on")
         try:
             return datasets.load_dataset(kind, data_files=files, split="train", **kwargs)
         except Exception as exc:  # malformed JSON, unreadable parquet, ...

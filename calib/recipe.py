@@ -62,6 +62,9 @@ class QuantArgs(BaseModel):
             raise ValueError("group_size: strategy group needs a group_size (e.g. 128)")
         if self.group_size is not None and self.strategy != "group":
             raise ValueError(f"group_size: only valid with strategy group, not {self.strategy}")
+        if self.dynamic and ({"observer", "observer_kwargs"} & self.model_fields_set):
+            raise ValueError("observer: dynamic scales are computed at run time from each token, so there is "
+                             "nothing to observe: remove observer/observer_kwargs or set dynamic: false")
         if self.strategy == "token" and not self.dynamic:
             raise ValueError("strategy: token scales exist only at run time: set dynamic: true")
         allowed = OBSERVER_KWARGS[self.observer]
@@ -223,6 +226,9 @@ class Recipe(BaseModel):
             if raw is None:
                 return None
             keep = {k: v for k, v in raw.items() if k in QuantArgs.model_fields and v is not None}
+            if keep.get("dynamic"):
+                keep.pop("observer", None)
+                keep.pop("observer_kwargs", None)
             return keep
 
         data = {
@@ -255,6 +261,8 @@ def _describe(error: dict[str, Any]) -> str:
 
 
 def _validate(data: Any, source: str) -> Recipe:
+    if data is None:
+        raise RecipeError(f"{source}: the recipe is empty (see recipes/fp8-static.yaml for a complete one)")
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping of fields, got {type(data).__name__}")
     try:

