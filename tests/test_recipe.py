@@ -296,3 +296,10 @@ def test_unknown_bundled_name_lists_the_bundled_recipes():
     assert "'fp8-statik' is neither a file nor a bundled recipe" in message
     for name in BUNDLED:
         assert name in message
+
+
+def test_int4_weights_are_refused_until_packing_is_written(tmp_path):
+    path = write_recipe(tmp_path, "weights: {num_bits: 4, type: int, strategy: group, group_size: 128}\n")
+    message = recipe_error(path)
+    assert str(path) in message
+    assert "weights.num_bits: 4-bit weights need the pack-quantized format" in message
