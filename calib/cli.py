@@ -60,8 +60,8 @@ def _print_summary(report: dict) -> None:
         f"{report['calibration_tokens']} tokens",
         f"  layers      {report['layers_quantized']} quantized",
         f"  size        {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({after / max(before, 1):.2f}x)",
-        f"  time        load {t['load']:.1f}s, calibrate {t['calibrate']:.1f}s, quantize {t['quantize']:.1f}s, "
-        f"export {t['export']:.1f}s, total {t['total']:.1f}s",
+        f"  time        load {t['load']:.1f}s, data {t['data']:.1f}s, calibrate {t['calibrate']:.1f}s, "
+        f"quantize {t['quantize']:.1f}s, export {t['export']:.1f}s, total {t['total']:.1f}s",
         f"  peak memory {report['peak_rss_mb']:.0f} MiB RSS",
     ]
     if report.get("unobserved_modules"):

@@ -181,7 +181,7 @@ def _packed(tokenizer, texts, order, num_samples, seq_len, rng) -> list[torch.Te
     # (a .txt file) is tokenized whole and windows are drawn from all of it.
     for start in range(0, len(order), chunk):
         batch = [texts[i] for i in order[start : start + chunk]]
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
             stream.extend(ids)
             stream.extend(separator)
         if len(stream) >= budget and len(order) > 1:

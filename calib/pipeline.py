@@ -130,11 +130,13 @@ def provenance(recipe: Recipe, data: CalibrationSet | None) -> dict[str, str]:
 
 def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Calibration | None = None,
            tokenizer=None, data: CalibrationSet | None = None, max_shard_size: str | int = "5GB",
-           overwrite: bool = False, report: dict | None = None, progress: bool = True) -> "ExportSummary":
+           overwrite: bool = False, report: dict | None = None, progress: bool = True,
+           started_at: float | None = None) -> "ExportSummary":
     """Quantize and write a compressed-tensors checkpoint to ``output`` atomically.
 
-    If ``report`` is given it is completed with the export figures and written
-    as ``calib_report.json`` inside the checkpoint before it is moved into place.
+    If ``report`` is given it is completed with the export figures (and the
+    total time since ``started_at``) and written as ``calib_report.json`` inside
+    the checkpoint before it is moved into place.
     """
     import json
 
@@ -157,6 +159,10 @@ def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Ca
             report.update(summary.as_report())
             report["timings_s"]["quantize"] = round(summary.quantize_s, 3)
             report["timings_s"]["export"] = round(summary.export_s, 3)
+            report["timings_s"]["total"] = round(time.perf_counter() - (started_at or start), 3)
+            report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+            if torch.cuda.is_available():
+                report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             (folder / "calib_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return summary
 
@@ -238,13 +244,14 @@ def run(
     loaded.model.to(target)
     load_s = time.perf_counter() - start
 
-    data = None
+    data, start = None, time.perf_counter()
     if recipe.needs_calibration:
         packed = loaded.is_causal_lm if packing == "auto" else packing == "pack"
         data = build_calibration_set(loaded.tokenizer, dataset, num_samples=num_samples, seq_len=seq_len,
                                      text_column=text_column, split=split, packed=packed, seed=seed)
     elif dataset is not None:
         log.info("recipe %s computes every scale without data: --dataset is not used", recipe.name)
+    data_s = time.perf_counter() - start
     tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     calibration = calibrate(loaded.model, recipe, data, batch_size=batch_size, pad_token_id=pad,
@@ -262,17 +269,10 @@ def run(
         "num_samples": len(data.samples) if data else 0,
         "seq_len": data.seq_len if data else None,
         "calibration_tokens": calibration.tokens,
-        "timings_s": {"load": round(load_s, 3), "calibrate": round(calibration.seconds, 3)},
+        "timings_s": {"load": round(load_s, 3), "data": round(data_s, 3),
+                      "calibrate": round(calibration.seconds, 3)},
         "size_before_bytes": state_dict_bytes(loaded.model),
     }
     export(loaded.model, recipe, output, calibration, tokenizer=tok, data=data, max_shard_size=max_shard_size,
-           overwrite=overwrite, report=report, progress=progress)
-    report["timings_s"]["total"] = round(time.perf_counter() - total_start, 3)
-    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    if torch.cuda.is_available():
-        report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    # The copy inside the checkpoint was written before the rename; refresh the totals.
-    import json
-
-    (Path(output) / "calib_report.json").write_text(json.dumps(report, indent=2) + "\n")
+           overwrite=overwrite, report=report, progress=progress, started_at=total_start)
     return report

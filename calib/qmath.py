@@ -146,6 +146,31 @@ def expand_scale(scale: torch.Tensor, shape: torch.Size, strategy: str, group_si
     return scale.expand(shape) if strategy == "channel" else scale.reshape(1, 1).expand(shape)
 
 
+def pack_int32(q: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Pack signed ``num_bits`` integers along the last dim into int32 words.
+
+    compressed-tensors' ``pack-quantized`` layout (what vLLM's WNA16 kernels
+    read): values are offset to unsigned (``q + 2^(bits-1)``), and word ``c``
+    holds elements ``c*k .. c*k+k-1`` (``k = 32 / bits``), element ``c*k+i`` at
+    bits ``[i*bits, (i+1)*bits)``. ``[out, in]`` -> ``[out, in*bits/32]``.
+    """
+    per_word = 32 // num_bits
+    rows, cols = q.shape
+    if cols % per_word:
+        raise ValueError(f"input dim {cols} is not a multiple of {per_word} ({num_bits}-bit packing)")
+    unsigned = (q.to(torch.int64) + 2 ** (num_bits - 1)).reshape(rows, cols // per_word, per_word)
+    words = (unsigned << (torch.arange(per_word) * num_bits)).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int32(packed: torch.Tensor, num_bits: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int32`: signed values as int8, ``[out, cols]``."""
+    per_word = 32 // num_bits
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    fields = (words.unsqueeze(-1) >> (torch.arange(per_word) * num_bits)) & (2**num_bits - 1)
+    return (fields.reshape(packed.shape[0], -1)[:, :cols] - 2 ** (num_bits - 1)).to(torch.int8)
+
+
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal to quantization-noise ratio, ``10 log10(|x|^2 / |x - x~|^2)`` in dB."""
     ref = reference.to(torch.float32)

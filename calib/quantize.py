@@ -292,8 +292,13 @@ def _quantize_layer(name, weight, recipe, input_amax, shared_weight_amax, input_
         weight_sqnr_db=round(qmath.sqnr_db(weight, q.to(torch.float32) * full), 2),
         weight_amax=float(amax.max()),
     )
-    yield f"{name}.weight", q
-    yield f"{name}.weight_scale", scale
+    if recipe.format == "pack-quantized":
+        yield f"{name}.weight_packed", qmath.pack_int32(q, w_args.num_bits)
+        yield f"{name}.weight_scale", scale
+        yield f"{name}.weight_shape", torch.tensor(list(weight.shape), dtype=torch.int64)
+    else:
+        yield f"{name}.weight", q
+        yield f"{name}.weight_scale", scale
     if name in input_amax:
         qmax = qmath.qmax_for(a_args.num_bits, a_args.is_fp8)
         obs = input_observers.get(name)

@@ -144,10 +144,11 @@ class Recipe(BaseModel):
         if w.observer not in OBSERVERS_FOR_WEIGHTS:
             raise ValueError(f"weights.observer: {w.observer} is not one of {', '.join(OBSERVERS_FOR_WEIGHTS)}")
         if w.num_bits == 4:
-            # compressed-tensors stores INT4 weights packed into int32 ("pack-quantized"), with a bit
-            # layout that has changed between versions; calib does not write it yet.
-            raise ValueError("weights.num_bits: 4-bit weights need the pack-quantized format, which this "
-                             "version of calib does not write; use num_bits: 8")
+            if w.type != "int" or a is not None:
+                raise ValueError("weights.num_bits: 4-bit weights are INT4 weight-only: type int and no "
+                                 "input_activations")
+            if w.strategy not in ("channel", "group"):
+                raise ValueError("weights.strategy: INT4 weights need channel or group scales")
         if a is not None:
             if a.type != w.type or a.num_bits != w.num_bits:
                 raise ValueError(
@@ -178,7 +179,8 @@ class Recipe(BaseModel):
     def format(self) -> str:
         """compressed-tensors ``format`` of the checkpoint this recipe produces."""
         if self.input_activations is None:
-            return "naive-quantized"
+            # INT weight-only is served from int32-packed weights (vLLM WNA16); FP8 weight-only unpacked.
+            return "naive-quantized" if self.weights.is_fp8 else "pack-quantized"
         return "float-quantized" if self.weights.is_fp8 else "int-quantized"
 
     @property

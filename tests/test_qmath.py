@@ -111,3 +111,23 @@ def test_sqnr_of_fp8_per_tensor_on_gaussian_weights():
     db = qmath.sqnr_db(w, qmath.dequantize(qmath.quantize_fp8(w, scale), scale))
     # E4M3 keeps ~3.5 bits of relative precision: about 31 dB on Gaussian data
     assert 28 < db < 34
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int32_packing_matches_compressed_tensors(bits):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    gen = torch.Generator().manual_seed(bits)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    q = torch.randint(low, high + 1, (6, 64), generator=gen).to(torch.int8)
+    q[0, :4] = torch.tensor([low, high, 0, -1], dtype=torch.int8)
+    packed = qmath.pack_int32(q, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (6, 64 * bits // 32)
+    assert torch.equal(packed, pack_to_int32(q, bits))
+    assert torch.equal(qmath.unpack_int32(packed, bits, 64), q)
+
+
+def test_int4_packing_hand_value():
+    # elements 0..7 = -8..-1 -> unsigned 0..7, nibble i at bits 4i: 0x76543210
+    q = torch.arange(-8, 0, dtype=torch.int8).reshape(1, 8)
+    assert qmath.pack_int32(q, 4).item() == 0x76543210

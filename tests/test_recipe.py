@@ -19,7 +19,8 @@ BUNDLED = {
     "fp8-static-kv": ("float-quantized", ("float", "tensor", False), ("float", "tensor", False), True),
     "int8-w8a8-dynamic": ("int-quantized", ("int", "channel", False), ("int", "token", True), False),
     "int8-w8a8-static": ("int-quantized", ("int", "channel", False), ("int", "tensor", False), False),
-    "int8-w8a16": ("naive-quantized", ("int", "channel", False), None, False),
+    "int8-w8a16": ("pack-quantized", ("int", "channel", False), None, False),
+    "int4-w4a16": ("pack-quantized", ("int", "group", False), None, False),
 }
 KV_KEYS = {"num_bits", "type", "symmetric", "strategy", "dynamic", "group_size", "block_structure",
            "actorder", "observer", "observer_kwargs"}
@@ -56,13 +57,13 @@ def test_bundled_recipe_loads_by_name_with_its_format_and_scheme(name):
     assert scheme(recipe.weights) == weights
     assert scheme(recipe.input_activations) == activations
     assert (recipe.kv_cache is not None) == has_kv
-    assert recipe.weights.num_bits == 8 and recipe.weights.symmetric
+    assert recipe.weights.num_bits == (4 if name.startswith("int4") else 8) and recipe.weights.symmetric
     assert recipe.targets == ["Linear"] and recipe.ignore == ["lm_head"]
 
 
 @pytest.mark.parametrize("name,needs", [
     ("fp8-static", True), ("fp8-static-kv", True), ("int8-w8a8-static", True),
-    ("fp8-dynamic", False), ("int8-w8a8-dynamic", False), ("int8-w8a16", False),
+    ("fp8-dynamic", False), ("int8-w8a8-dynamic", False), ("int8-w8a16", False), ("int4-w4a16", False),
 ])
 def test_only_static_activation_or_kv_recipes_need_calibration_data(name, needs):
     assert load_recipe(name).needs_calibration is needs
@@ -75,6 +76,11 @@ def test_minimal_recipe_gets_linear_targets_lm_head_ignored_and_calibration_defa
     assert recipe.input_activations is None and recipe.kv_cache is None
     assert (recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.calibration.batch_size) \
         == (256, 512, 8)
+    assert recipe.format == "pack-quantized"  # INT weight-only is served packed (vLLM WNA16)
+
+
+def test_fp8_weight_only_is_naive_quantized(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, "weights: {type: float, strategy: channel}\n"))
     assert recipe.format == "naive-quantized"
 
 
@@ -298,8 +304,14 @@ def test_unknown_bundled_name_lists_the_bundled_recipes():
         assert name in message
 
 
-def test_int4_weights_are_refused_until_packing_is_written(tmp_path):
-    path = write_recipe(tmp_path, "weights: {num_bits: 4, type: int, strategy: group, group_size: 128}\n")
+def test_int4_weights_are_weight_only(tmp_path):
+    path = write_recipe(tmp_path, "weights: {num_bits: 4, type: int, strategy: group, group_size: 128}\n"
+                                  "input_activations: {num_bits: 4, type: int, strategy: token, dynamic: true}\n")
     message = recipe_error(path)
     assert str(path) in message
-    assert "weights.num_bits: 4-bit weights need the pack-quantized format" in message
+    assert "weights.num_bits: 4-bit weights are INT4 weight-only" in message
+
+
+def test_int4_weights_need_channel_or_group_scales(tmp_path):
+    path = write_recipe(tmp_path, "weights: {num_bits: 4, type: int, strategy: tensor}\n")
+    assert "weights.strategy: INT4 weights need channel or group scales" in recipe_error(path)
