@@ -318,3 +318,23 @@ def test_interrupted_export_leaves_no_checkpoint_and_keeps_the_old_one(tinystori
     assert not (tmp_path / "fresh").exists()
     assert (out / "model.safetensors").read_bytes() == original  # the old checkpoint is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no partial directories left behind
+
+
+def test_asymmetric_static_int8_activations_write_a_zero_point(tinystories_split, tokenizer, fp32_ppl, tmp_path):
+    base = calib.load_recipe("int8-w8a8-static")
+    acts = base.input_activations.model_copy(update={"symmetric": False, "observer": "minmax", "observer_kwargs": {}})
+    out = tmp_path / "asym"
+    calib.run(model=str(TINYSTORIES), recipe=base.model_copy(update={"input_activations": acts}),
+              dataset=str(tinystories_split[0]), output=out, num_samples=SAMPLES, seq_len=SEQ, progress=False)
+    tensors = tensors_of(out)
+    for name in linear_names():
+        zp, scale = tensors[f"{name}.input_zero_point"], tensors[f"{name}.input_scale"]
+        assert zp.dtype == torch.int8 and tuple(zp.shape) == (1,) and tuple(scale.shape) == (1,)
+    # down_proj reads SiLU(gate) * up, which is not symmetric around 0: the zero point moves
+    assert any(int(tensors[f"{n}.input_zero_point"]) != 0 for n in linear_names())
+    q, k = (tensors[f"model.layers.0.self_attn.{p}_proj.input_zero_point"] for p in "qk")
+    assert torch.equal(q, k)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["input_activations"]["symmetric"] is False
+    ratio = perplexity(ct_load(out), tokenizer, tinystories_split[1]) / fp32_ppl
+    assert ratio < 1.03, ratio

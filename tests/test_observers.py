@@ -125,3 +125,17 @@ def test_expected_sq_error_hand_values():
     err = expected_sq_error(centers, counts, torch.tensor([2.0], dtype=torch.float64), 127.0, False)
     step = 2.0 / 127
     assert abs(float(err[0]) - (2 * step ** 2 / 12 + 1.0)) < 1e-12
+
+
+def test_unobserved_expert_takes_the_largest_range_of_its_siblings():
+    from calib.quantize import _shared_fallback
+
+    observed = {
+        "model.layers.0.mlp.experts.0.w1": torch.tensor(2.0),
+        "model.layers.0.mlp.experts.1.w1": torch.tensor(5.0),
+        "model.layers.0.mlp.experts.1.w2": torch.tensor(9.0),  # other role: not a sibling
+        "model.layers.1.mlp.experts.0.w1": torch.tensor(7.0),  # other layer: not a sibling
+    }
+    assert float(_shared_fallback("model.layers.0.mlp.experts.7.w1", observed)) == 5.0
+    assert _shared_fallback("model.layers.0.mlp.experts.7.w3", observed) is None
+    assert _shared_fallback("lm_head", observed) is None
