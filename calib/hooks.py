@@ -12,13 +12,14 @@ the last tensor the group saw, by identity).
 
 KV cache: keys and values are observed where the model hands them to its cache
 (``Cache.update``), i.e. keys after rotary embedding, exactly as the cache will
-store them. A calibration forward passes :class:`ObservingCache` as
+store them. A calibration forward passes :func:`observing_cache` as
 ``past_key_values``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -64,30 +65,38 @@ class ObservationSession:
             self.mask = attention_mask.bool()
 
 
-class ObservingCache:
-    """Factory for a transformers ``DynamicCache`` whose ``update`` observes K and V.
+@functools.lru_cache(maxsize=1)
+def _observing_cache_class():
+    """A transformers ``DynamicCache`` whose ``update`` also observes K and V.
 
-    Built lazily so that importing calib does not import transformers' cache.
+    Built on first use so that importing calib does not import transformers.
     """
+    from transformers import DynamicCache
 
-    @staticmethod
-    def create(session: ObservationSession, config=None):
-        from transformers import DynamicCache
+    class ObservingCache(DynamicCache):
+        calib_session: ObservationSession
 
-        class _ObservingCache(DynamicCache):
-            def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-                observers = session.kv_observers.get(layer_idx)
-                if observers is not None:
-                    # [batch, kv_heads, seq, head_dim] -> positions on dims 0 and 2
-                    mask = session.mask
-                    k = key_states.transpose(1, 2)  # [batch, seq, heads, dim]
-                    v = value_states.transpose(1, 2)
-                    kmask = mask if (mask is not None and tuple(k.shape[:2]) == tuple(mask.shape)) else None
-                    observers[0].update(k.flatten(2), kmask)
-                    observers[1].update(v.flatten(2), kmask)
-                return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            observers = self.calib_session.kv_observers.get(layer_idx)
+            if observers is not None:
+                # [batch, kv_heads, seq, head_dim] -> [batch, seq, kv_heads * head_dim]
+                mask = self.calib_session.mask
+                k = key_states.transpose(1, 2).flatten(2)
+                v = value_states.transpose(1, 2).flatten(2)
+                kmask = mask if (mask is not None and tuple(k.shape[:2]) == tuple(mask.shape)) else None
+                observers[0].update(k, kmask)
+                observers[1].update(v, kmask)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
-        return _ObservingCache(config=config) if config is not None else _ObservingCache()
+    return ObservingCache
+
+
+def observing_cache(session: ObservationSession, config=None):
+    """A fresh KV cache for one calibration forward that feeds ``session``'s KV observers."""
+    cls = _observing_cache_class()
+    cache = cls(config=config) if config is not None else cls()
+    cache.calib_session = session
+    return cache
 
 
 @contextlib.contextmanager

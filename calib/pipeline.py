@@ -19,7 +19,7 @@ from calib.data import CalibrationSet, build_calibration_set
 from calib.errors import CalibInputError
 from calib.export import atomic_directory, check_output, model_config_dict, parse_size, write_side_files, \
     write_tensors
-from calib.hooks import InputGroup, ObservingCache, observe
+from calib.hooks import InputGroup, observe, observing_cache
 from calib.observers import Observer, make_observer
 from calib.quantize import Plan, QuantizeResult, plan_for, quantized_tensors
 from calib.recipe import Recipe, load_recipe
@@ -45,7 +45,7 @@ def _forward_kwargs(model: nn.Module, plan: Plan, kv: bool, session) -> dict:
     if "use_cache" in params:
         kwargs["use_cache"] = kv
     if kv:
-        kwargs["past_key_values"] = ObservingCache.create(session, getattr(model, "config", None))
+        kwargs["past_key_values"] = observing_cache(session, getattr(model, "config", None))
     head = getattr(model, "get_output_embeddings", lambda: None)()
     head_observed = head is not None and any(m is head for m in plan.targets.values())
     if "logits_to_keep" in params and not head_observed:
