@@ -150,11 +150,16 @@ def build_calibration_set(
     split: str = "train",
     packed: bool = True,
     seed: int = 0,
+    rows=None,
 ) -> CalibrationSet:
-    """Tokenize, pack or truncate, and select ``num_samples`` samples (seeded)."""
+    """Tokenize, pack or truncate, and select ``num_samples`` samples (seeded).
+
+    ``rows`` (from :func:`load_rows`) lets a caller read the dataset before
+    loading the model, so a bad dataset fails fast.
+    """
     if num_samples <= 0 or seq_len <= 0:
         raise DatasetError(f"num_samples and seq_len must be positive (got {num_samples}, {seq_len})")
-    rows = load_rows(source, split)
+    rows = load_rows(source, split) if rows is None else rows
     texts = texts_from_rows(rows, text_column, tokenizer)
     label = "calib default texts" if source is None else str(source)
     if not texts:

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calib import __version__
-from calib.data import CalibrationSet, build_calibration_set
+from calib.data import CalibrationSet, build_calibration_set, load_rows
 from calib.errors import CalibInputError
 from calib.export import atomic_directory, check_output, model_config_dict, parse_size, write_side_files, \
     write_tensors
@@ -238,6 +238,11 @@ def run(
     batch_size = batch_size or recipe.calibration.batch_size
 
     start = time.perf_counter()
+    # Read the dataset first: a bad one fails before the (slow) model load.
+    rows = load_rows(dataset, split) if recipe.needs_calibration else None
+    rows_s = time.perf_counter() - start
+
+    start = time.perf_counter()
     loaded = load_model(model, dtype=dtype)
     target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           ("cpu" if device == "auto" else device))
@@ -248,10 +253,10 @@ def run(
     if recipe.needs_calibration:
         packed = loaded.is_causal_lm if packing == "auto" else packing == "pack"
         data = build_calibration_set(loaded.tokenizer, dataset, num_samples=num_samples, seq_len=seq_len,
-                                     text_column=text_column, split=split, packed=packed, seed=seed)
+                                     text_column=text_column, split=split, packed=packed, seed=seed, rows=rows)
     elif dataset is not None:
         log.info("recipe %s computes every scale without data: --dataset is not used", recipe.name)
-    data_s = time.perf_counter() - start
+    data_s = time.perf_counter() - start + rows_s
     tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     calibration = calibrate(loaded.model, recipe, data, batch_size=batch_size, pad_token_id=pad,

@@ -111,9 +111,19 @@ def helper_materialize(folder: str) -> None:
     from calib.models import load_model
 
     loaded = load_model(None)
+    model = loaded.model
+    # transformers dequantizes GGUF on load (plain float tensors) but keeps a GGUF
+    # "quantizer" on the model, and save_pretrained refuses a model "quantized with gguf"
+    # (ValueError: ... not serializable). Forget it: the weights are ordinary floats.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.quantization_method = None
+        if hasattr(model.config, "quantization_config"):
+            delattr(model.config, "quantization_config")
     tmp = Path(folder + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    loaded.model.save_pretrained(tmp)
+    model.save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
     tmp.rename(folder)
 
