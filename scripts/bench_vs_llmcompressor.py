@@ -25,6 +25,11 @@ Method
 * Runs are interleaved to reduce drift: calib, llm-compressor, calib, llm-compressor
   ... (``--repeats`` each, default 2); the table shows the minimum and, in
   parentheses, the median. Output folders are deleted before each run (not timed).
+* Timings on a small shared machine are fragile: before each run the script waits until
+  other processes leave the CPUs idle (``--max-wait``), and it measures the CPU time the
+  rest of the machine used during the run (/proc/stat minus the child's own rusage); a
+  run that another job skewed is discarded and redone (``--retries``), or kept and
+  flagged ``skewed`` in the JSON and the table.
 * "whole process" = wall clock of the subprocess, from spawn to exit (interpreter
   start, imports, everything). The reference script ALSO does work calib's CLI does not:
   before its timed part it loads the FP32 model, measures its perplexity and runs a
@@ -274,18 +279,71 @@ def run_helper(python: str, *args: str) -> dict | None:
     return json.loads(lines[-1]) if lines else {}
 
 
+def busy_cpu_s() -> float | None:
+    """CPU seconds the whole machine has been busy since boot (Linux /proc/stat), or None."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_idle(max_wait_s: float, probe_s: float = 2.0, busy_cores: float = 0.25) -> None:
+    """Block while other processes keep more than ``busy_cores`` cores busy (2 cores
+    shared with other jobs make timings meaningless), at most ``max_wait_s``."""
+    deadline = time.monotonic() + max_wait_s
+    said = False
+    while True:
+        b0 = busy_cpu_s()
+        time.sleep(probe_s)
+        b1 = busy_cpu_s()
+        if b0 is None or b1 is None or (b1 - b0) / probe_s <= busy_cores:
+            return
+        if time.monotonic() > deadline:
+            log("  warning: the machine is still busy; running anyway")
+            return
+        if not said:
+            log(f"  machine busy ({(b1 - b0) / probe_s:.2f} cores used by other processes): waiting ...")
+            said = True
+        time.sleep(15)
+
+
 def timed_subprocess(cmd: list[str], log_path: Path) -> dict:
     """Run cmd, stdout+stderr to log_path; wall clock, exit code and the child's own
-    peak RSS and CPU time (os.wait4: this child only)."""
+    peak RSS and CPU time (os.wait4: this child only). ``other_cpu_s``: CPU time the
+    rest of the machine used meanwhile; large values mean another job skewed the timing."""
     with open(log_path, "w") as logf:
-        start = time.perf_counter()
+        busy0, start = busy_cpu_s(), time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=child_env(), cwd=str(ROOT))
         _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
+        wall, busy1 = time.perf_counter() - start, busy_cpu_s()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": proc.returncode, "wall_s": round(wall, 3),
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+    cpu = usage.ru_utime + usage.ru_stime
+    other = None if busy0 is None or busy1 is None else round(max(busy1 - busy0 - cpu, 0.0), 2)
+    return {"rc": proc.returncode, "wall_s": round(wall, 3), "cpu_s": round(cpu, 2), "other_cpu_s": other,
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "log": str(log_path)}
+
+
+def skewed(run: dict) -> bool:
+    """Did other processes use more than ~20 % of a core-second per wall second?"""
+    return run["other_cpu_s"] is not None and run["other_cpu_s"] > 0.2 * run["wall_s"] + 1
+
+
+def measured(args, cmd: list[str], log_path: Path, before=lambda: None) -> dict:
+    """timed_subprocess on an idle machine; a run that another job skewed is redone
+    (``--retries`` times; ``skewed_attempts`` counts the discarded ones)."""
+    for attempt in range(args.retries + 1):
+        before()
+        wait_until_idle(args.max_wait)
+        run = timed_subprocess(cmd, log_path)
+        if not skewed(run):
+            break
+        log(f"  other processes used {run['other_cpu_s']:.1f} CPU s during this {run['wall_s']:.1f} s run"
+            + (": discarded, redoing it" if attempt < args.retries else ": kept, marked skewed"))
+    run["skewed_attempts"] = attempt + (1 if skewed(run) else 0)
+    run["skewed"] = skewed(run)
+    return run
 
 
 def log_tail(path: str, n: int = 25) -> str:
@@ -293,12 +351,11 @@ def log_tail(path: str, n: int = 25) -> str:
 
 
 def run_calib(args, model_dir: str, scheme: str, shape: dict, texts: Path, out: Path, tag: str) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
     cmd = [args.calib_python, "-m", "calib", "run", "--model", model_dir, "--recipe", scheme,
            "--dataset", str(texts / "calib.txt"), "--num-samples", str(shape["samples"]),
            "--seq-len", str(shape["seq_len"]), "--batch-size", str(shape["batch_size"]),
            "--output", str(out), "--overwrite", "--no-progress"]
-    run = timed_subprocess(cmd, out.parent / f"{tag}.log")
+    run = measured(args, cmd, out.parent / f"{tag}.log", before=lambda: shutil.rmtree(out, ignore_errors=True))
     report_path = out / "calib_report.json"
     if run["rc"] == 0 and report_path.is_file():
         report = json.loads(report_path.read_text())
@@ -312,14 +369,17 @@ def run_calib(args, model_dir: str, scheme: str, shape: dict, texts: Path, out: 
 
 
 def run_llmc(args, model_dir: str, scheme: str, shape: dict, texts: Path, out: Path, tag: str) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
     result_json = out.parent / f"{tag}.json"
-    result_json.unlink(missing_ok=True)
+
+    def clean():
+        shutil.rmtree(out, ignore_errors=True)
+        result_json.unlink(missing_ok=True)
+
     cmd = [args.llmc_python, str(REFERENCE_SCRIPT), "--model", model_dir, "--scheme", scheme,
            "--calib-text", str(texts / "calib.txt"), "--heldout-text", str(texts / "heldout.txt"),
            "--samples", str(shape["samples"]), "--seq-len", str(shape["seq_len"]),
            "--batch-size", str(shape["batch_size"]), "--output", str(out), "--json", str(result_json)]
-    run = timed_subprocess(cmd, out.parent / f"{tag}.log")
+    run = measured(args, cmd, out.parent / f"{tag}.log", before=clean)
     if run["rc"] == 0 and result_json.is_file():
         ref = json.loads(result_json.read_text())
         extras = ref["script_s"] - ref["import_s"] - ref["total_s"]  # FP32 PPL + forward + evals
@@ -380,7 +440,8 @@ def bench_model(args, name: str) -> list[dict]:
             for tool, fn in (("calib", run_calib), ("llmc", run_llmc)):
                 log(f"{name} {scheme}: {tool} run {rep + 1}/{args.repeats} ...")
                 r = fn(args, model_dir, scheme, shape, texts, outs[tool], f"{tool}-{rep + 1}")
-                log(f"  {tool}: rc {r['rc']}, wall {r['wall_s']:.1f}s, internal {r.get('internal_total_s')}")
+                log(f"  {tool}: rc {r['rc']}, wall {r['wall_s']:.1f}s, internal {r.get('internal_total_s')}, "
+                    f"cpu {r['cpu_s']}s, other processes {r['other_cpu_s']} cpu s")
                 if r["rc"] != 0:
                     log(f"  {tool} FAILED, log tail:\n{r.get('error')}")
                 runs[tool].append(r)
@@ -442,6 +503,10 @@ def tables(rows: list[dict]) -> str:
                    f"{ratio(r['calib_wall_s'], r['llmc_wall_s'])} | {fmt(r['calib_internal_s'], 2)} | "
                    f"{fmt(r['llmc_internal_s'], 2)} | {ppl(r['ppl_fp32'])} | {ppl(r['ppl_calib'])} | "
                    f"{ppl(r['ppl_llmc'])} |")
+    flagged = [f"{r['model']} {r['scheme']} {t}" for r in rows if "runs" in r
+               for t in ("calib", "llmc") if any(x.get("skewed") for x in r["runs"][t])]
+    if flagged:
+        out += ["", "WARNING: other processes used the CPUs during some kept runs: " + ", ".join(flagged)]
     out += ["", "min (median) over repeats. whole process = subprocess wall clock. llm-compressor's whole "
             "process also runs an FP32 PPL + plain calibration forward before, and two PPL evaluations after; "
             "like-for-like drops those:", "",
@@ -478,6 +543,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="python of calib's venv (default <repo>/.venv/bin/python)")
     p.add_argument("--llmc-python", default="/work/llmc-venv/bin/python",
                    help="python of llm-compressor's venv (default /work/llmc-venv/bin/python)")
+    p.add_argument("--retries", type=int, default=2,
+                   help="redo a run during which other processes used much CPU, up to this many times (default 2)")
+    p.add_argument("--max-wait", type=float, default=1800,
+                   help="seconds to wait, before each run, for other processes to leave the CPUs (default 1800)")
     p.add_argument("--json", help="also write every number (per run) to this file")
     p.add_argument("--_helper", nargs=2, metavar=("WHAT", "ARG"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

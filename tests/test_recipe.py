@@ -107,8 +107,13 @@ def test_quantization_config_is_accepted_by_compressed_tensors_with_our_values(n
         assert theirs.observer_kwargs == ours.observer_kwargs
 
 
-def test_int8_static_percentile_observer_and_its_kwargs_reach_config_json():
+def test_observer_and_its_kwargs_reach_config_json(tmp_path):
     group = load_recipe("int8-w8a8-static").to_quantization_config()["config_groups"]["group_0"]
+    assert group["input_activations"]["observer"] == "mse"
+    path = write_recipe(tmp_path, "weights: {type: int, strategy: channel}\n"
+                                  "input_activations: {type: int, strategy: tensor, observer: percentile,\n"
+                                  "                    observer_kwargs: {percentile: 99.99}}\n")
+    group = load_recipe(path).to_quantization_config()["config_groups"]["group_0"]
     assert group["input_activations"]["observer"] == "percentile"
     assert group["input_activations"]["observer_kwargs"] == {"percentile": 99.99}
 
