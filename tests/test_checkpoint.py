@@ -338,3 +338,18 @@ def test_asymmetric_static_int8_activations_write_a_zero_point(tinystories_split
     assert config["config_groups"]["group_0"]["input_activations"]["symmetric"] is False
     ratio = perplexity(ct_load(out), tokenizer, tinystories_split[1]) / fp32_ppl
     assert ratio < 1.03, ratio
+
+
+def test_fp8_weight_only_is_naive_quantized_and_reloads(tinystories_split, tokenizer, fp32_ppl, tmp_path):
+    recipe = calib.parse_recipe("name: fp8-w8a16\nweights: {type: float, strategy: channel}\n")
+    out = tmp_path / "fp8w"
+    report = calib.run(model=str(TINYSTORIES), recipe=recipe, output=out, progress=False)
+    assert report["num_samples"] == 0  # weight-only: no data
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "naive-quantized"
+    assert config["config_groups"]["group_0"]["input_activations"] is None
+    tensors = tensors_of(out)
+    assert tensors["model.layers.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
+    assert not [k for k in tensors if k.endswith("input_scale")]
+    ratio = perplexity(ct_load(out), tokenizer, tinystories_split[1]) / fp32_ppl
+    assert ratio < 1.01, ratio
