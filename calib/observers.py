@@ -85,6 +85,29 @@ class Observer:
         return self.absmax()
 
 
+class ChannelMaxObserver:
+    """Running ``max |x|`` per channel (last dim), for SmoothQuant: O(channels)."""
+
+    name = "channel-max"
+
+    def __init__(self) -> None:
+        self.amax: torch.Tensor | None = None
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        rows = _valid(x, mask)
+        if rows.numel() == 0:
+            return
+        a = torch.nan_to_num(rows.abs().float(), nan=0.0, posinf=0.0).amax(dim=0)
+        self.amax = a if self.amax is None else torch.maximum(self.amax, a)
+        self.count += rows.shape[0]
+
+    @property
+    def observed(self) -> bool:
+        return self.amax is not None
+
+
 def histogram_percentile(hist: torch.Tensor, edge: float, percentile: float) -> float:
     """Value below which ``percentile`` % of the mass of ``hist`` lies.
 

@@ -19,8 +19,9 @@ from calib.data import CalibrationSet, build_calibration_set, load_rows
 from calib.errors import CalibInputError
 from calib.export import atomic_directory, check_output, model_config_dict, parse_size, write_side_files, \
     write_tensors
+from calib.algorithms.smoothquant import apply_smoothing, smoothing_pairs, smoothing_scales
 from calib.hooks import InputGroup, observe, observing_cache
-from calib.observers import Observer, make_observer
+from calib.observers import ChannelMaxObserver, Observer, make_observer
 from calib.quantize import Plan, QuantizeResult, plan_for, quantized_tensors
 from calib.recipe import Recipe, load_recipe
 
@@ -37,6 +38,7 @@ class Calibration:
     batches: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    smoothed: int = 0  # SmoothQuant pairs rescaled (the model's weights changed in place)
 
 
 def _forward_kwargs(model: nn.Module, plan: Plan, kv: bool, session) -> dict:
@@ -58,7 +60,9 @@ def calibrate(model: nn.Module, recipe: Recipe, data: CalibrationSet | None, bat
     """Run the calibration set through the model with observers attached.
 
     Recipes with only dynamic activations (or none) need no data: the forward
-    pass is skipped and ``data`` may be None.
+    pass is skipped and ``data`` may be None. With ``smoothquant`` in the recipe
+    a first pass collects per-channel ranges and the model's weights are
+    rescaled in place (same function, flatter activations) before observing.
     """
     plan = plan_for(model, recipe)
     calibration = Calibration(plan=plan)
@@ -81,20 +85,48 @@ def calibrate(model: nn.Module, recipe: Recipe, data: CalibrationSet | None, bat
     if recipe.kv_cache is not None:
         calibration.kv_observers = {i: (Observer(), Observer()) for i in plan.attention}
 
-    device = next(model.parameters()).device
     start = time.perf_counter()
-    total = data.num_batches(batch_size)
-    with torch.inference_mode(), observe(model, groups, calibration.kv_observers) as session:
-        bar = tqdm(data.batches(batch_size, pad_token_id), total=total, desc="calibrate", unit="batch",
-                   disable=not progress)
+    if recipe.smoothquant is not None:
+        calibration.smoothed = _smooth(model, recipe, plan, data, batch_size, pad_token_id, progress)
+    if groups or calibration.kv_observers:
+        calibration.batches, calibration.tokens = _run_batches(
+            model, plan, data, batch_size, pad_token_id, groups, calibration.kv_observers,
+            kv=recipe.kv_cache is not None, progress=progress, desc="calibrate")
+    calibration.seconds = time.perf_counter() - start
+    return calibration
+
+
+def _run_batches(model, plan, data, batch_size, pad_token_id, groups, kv_observers, kv, progress, desc):
+    """Forward every batch with the observers attached; returns (batches, real tokens)."""
+    device = next(model.parameters()).device
+    batches = tokens = 0
+    with torch.inference_mode(), observe(model, groups, kv_observers) as session:
+        bar = tqdm(data.batches(batch_size, pad_token_id), total=data.num_batches(batch_size), desc=desc,
+                   unit="batch", disable=not progress)
         for batch in bar:
             batch = {k: v.to(device) for k, v in batch.items()}
             session.set_mask(batch["attention_mask"])
-            model(**batch, **_forward_kwargs(model, plan, recipe.kv_cache is not None, session))
-            calibration.batches += 1
-            calibration.tokens += int(batch["attention_mask"].sum())
-    calibration.seconds = time.perf_counter() - start
-    return calibration
+            model(**batch, **_forward_kwargs(model, plan, kv, session))
+            batches += 1
+            tokens += int(batch["attention_mask"].sum())
+    return batches, tokens
+
+
+def _smooth(model, recipe, plan, data, batch_size, pad_token_id, progress) -> int:
+    """SmoothQuant: a pass for per-channel input ranges, then rescale the model in place."""
+    pairs = smoothing_pairs(model, plan.targets)
+    if not pairs:
+        raise CalibInputError(f"recipe {recipe.name!r} asks for SmoothQuant, but {type(model).__name__} has no "
+                              "norm -> projection pairs calib knows (Llama-family decoders)")
+    groups = [InputGroup(names=[pair.consumers[0]], observer=ChannelMaxObserver()) for pair in pairs]
+    _run_batches(model, plan, data, batch_size, pad_token_id, groups, {}, kv=False, progress=progress,
+                 desc="smoothquant")
+    for pair, group in zip(pairs, groups):
+        if group.observer.observed:
+            weights = [model.get_submodule(n).weight for n in pair.consumers]
+            apply_smoothing(model, pair, smoothing_scales(group.observer.amax, weights, recipe.smoothquant.alpha))
+    log.info("SmoothQuant (alpha %.2f): rescaled %d norm/projection pairs", recipe.smoothquant.alpha, len(pairs))
+    return len(pairs)
 
 
 def quantize(model: nn.Module, recipe: Recipe, calibration: Calibration | None = None,
@@ -274,6 +306,7 @@ def run(
         "num_samples": len(data.samples) if data else 0,
         "seq_len": data.seq_len if data else None,
         "calibration_tokens": calibration.tokens,
+        "smoothquant_pairs": calibration.smoothed,
         "timings_s": {"load": round(load_s, 3), "data": round(data_s, 3),
                       "calibrate": round(calibration.seconds, 3)},
         "size_before_bytes": state_dict_bytes(loaded.model),

@@ -99,6 +99,14 @@ class QuantArgs(BaseModel):
         }
 
 
+class SmoothQuantArgs(BaseModel):
+    """SmoothQuant migration strength: ``s = max|x|^alpha / max|w|^(1 - alpha)``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(0.5, gt=0.0, lt=1.0)
+
+
 class CalibrationDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -119,6 +127,7 @@ class Recipe(BaseModel):
     weights: QuantArgs
     input_activations: QuantArgs | None = None
     kv_cache: QuantArgs | None = None
+    smoothquant: SmoothQuantArgs | None = None
     calibration: CalibrationDefaults = Field(default_factory=CalibrationDefaults)
 
     @field_validator("targets", "ignore")
@@ -168,6 +177,9 @@ class Recipe(BaseModel):
             if a.observer not in OBSERVERS_FOR_ACTIVATIONS:
                 raise ValueError(f"input_activations.observer: {a.observer} is not one of "
                                  f"{', '.join(OBSERVERS_FOR_ACTIVATIONS)}")
+        if self.smoothquant is not None and a is None:
+            raise ValueError("smoothquant: it flattens activation ranges for quantized activations; "
+                             "a weight-only recipe has none (remove smoothquant or add input_activations)")
         if kv is not None:
             if not (kv.type == "float" and kv.num_bits == 8 and kv.strategy == "tensor"
                     and kv.symmetric and not kv.dynamic):
@@ -187,7 +199,7 @@ class Recipe(BaseModel):
     def needs_calibration(self) -> bool:
         """Whether any scale comes from activations (static inputs or KV cache)."""
         static_inputs = self.input_activations is not None and not self.input_activations.dynamic
-        return static_inputs or self.kv_cache is not None
+        return static_inputs or self.kv_cache is not None or self.smoothquant is not None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -109,7 +109,7 @@ def test_quantization_config_is_accepted_by_compressed_tensors_with_our_values(n
 
 def test_observer_and_its_kwargs_reach_config_json(tmp_path):
     group = load_recipe("int8-w8a8-static").to_quantization_config()["config_groups"]["group_0"]
-    assert group["input_activations"]["observer"] == "mse"
+    assert group["input_activations"]["observer"] == "minmax"
     path = write_recipe(tmp_path, "weights: {type: int, strategy: channel}\n"
                                   "input_activations: {type: int, strategy: tensor, observer: percentile,\n"
                                   "                    observer_kwargs: {percentile: 99.99}}\n")
@@ -320,3 +320,20 @@ def test_int4_weights_are_weight_only(tmp_path):
 def test_int4_weights_need_channel_or_group_scales(tmp_path):
     path = write_recipe(tmp_path, "weights: {num_bits: 4, type: int, strategy: tensor}\n")
     assert "weights.strategy: INT4 weights need channel or group scales" in recipe_error(path)
+
+
+def test_smoothquant_needs_quantized_activations(tmp_path):
+    path = write_recipe(tmp_path, "weights: {type: int, strategy: channel}\nsmoothquant: {alpha: 0.5}\n")
+    assert "smoothquant: it flattens activation ranges for quantized activations" in recipe_error(path)
+
+
+def test_smoothquant_alpha_must_be_between_0_and_1(tmp_path):
+    path = write_recipe(tmp_path, "weights: {type: int, strategy: channel}\n"
+                                  "input_activations: {type: int, strategy: tensor}\nsmoothquant: {alpha: 1.5}\n")
+    assert "smoothquant.alpha: Input should be less than 1" in recipe_error(path)
+
+
+def test_int8_static_recipe_uses_smoothquant():
+    recipe = load_recipe("int8-w8a8-static")
+    assert recipe.smoothquant is not None and recipe.smoothquant.alpha == 0.8
+    assert recipe.needs_calibration

@@ -1,0 +1,1 @@
+"""Algorithms that change the float model before quantization (SmoothQuant)."""
