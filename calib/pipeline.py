@@ -4,6 +4,7 @@ three from names and paths (what the CLI calls)."""
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import resource
 import time
@@ -15,11 +16,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calib import __version__
+from calib.algorithms.smoothquant import apply_smoothing, smoothing_pairs, smoothing_scales
 from calib.data import CalibrationSet, build_calibration_set, load_rows
 from calib.errors import CalibInputError
 from calib.export import atomic_directory, check_output, model_config_dict, parse_size, write_side_files, \
     write_tensors
-from calib.algorithms.smoothquant import apply_smoothing, smoothing_pairs, smoothing_scales
 from calib.hooks import InputGroup, observe, observing_cache
 from calib.observers import ChannelMaxObserver, Observer, make_observer
 from calib.quantize import Plan, QuantizeResult, plan_for, quantized_tensors
@@ -170,8 +171,6 @@ def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Ca
     total time since ``started_at``) and written as ``calib_report.json`` inside
     the checkpoint before it is moved into place.
     """
-    import json
-
     calibration = calibration or calibrate(model, recipe, None)
     shard_bytes = parse_size(max_shard_size)
     result = QuantizeResult()
