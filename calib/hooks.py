@@ -79,10 +79,11 @@ def _observing_cache_class():
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
             observers = self.calib_session.kv_observers.get(layer_idx)
             if observers is not None:
-                # [batch, kv_heads, seq, head_dim] -> [batch, seq, kv_heads * head_dim]
+                # [batch, kv_heads, seq, head_dim] viewed as [batch, seq, kv_heads, head_dim]
+                # (no copy): the observer reduces the last dims, then picks real tokens.
                 mask = self.calib_session.mask
-                k = key_states.transpose(1, 2).flatten(2)
-                v = value_states.transpose(1, 2).flatten(2)
+                k = key_states.transpose(1, 2)
+                v = value_states.transpose(1, 2)
                 kmask = mask if (mask is not None and tuple(k.shape[:2]) == tuple(mask.shape)) else None
                 observers[0].update(k, kmask)
                 observers[1].update(v, kmask)

@@ -46,8 +46,8 @@ class Observer:
         else:
             # Reduce over channels first (no copy of x), then pick real tokens.
             lo_t, hi_t = torch.aminmax(x, dim=-1)
-            lo, hi = lo_t[mask], hi_t[mask]
-            rows = int(lo.numel())
+            lo, hi = lo_t[mask], hi_t[mask]  # [tokens, ...] for x with extra dims (KV heads)
+            rows = int(mask.sum())
             if rows == 0:
                 return
             lo, hi = lo.min(), hi.max()
