@@ -10,31 +10,66 @@ compressed-tensors checkpoint that vLLM, SGLang and transformers load.
 
 or step by step: ``calibrate`` -> ``quantize`` / ``export``; ``load`` reads a
 checkpoint back.
+
+The public names are imported on first use, so ``import calib`` (and the
+``calib`` command's ``--help``, ``--version`` and recipe checks) do not pay for
+importing torch and transformers.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-from calib.data import CalibrationSet, build_calibration_set  # noqa: E402
-from calib.errors import CalibInputError, DatasetError, ModelNotFoundError, RecipeError  # noqa: E402
-from calib.load import load  # noqa: E402
-from calib.pipeline import calibrate, export, quantize, run  # noqa: E402
-from calib.recipe import QuantArgs, Recipe, bundled_recipes, load_recipe, parse_recipe  # noqa: E402
+_EXPORTS = {
+    "CalibrationSet": "calib.data",
+    "build_calibration_set": "calib.data",
+    "CalibInputError": "calib.errors",
+    "DatasetError": "calib.errors",
+    "ModelNotFoundError": "calib.errors",
+    "RecipeError": "calib.errors",
+    "load": "calib.load",
+    "calibrate": "calib.pipeline",
+    "export": "calib.pipeline",
+    "quantize": "calib.pipeline",
+    "run": "calib.pipeline",
+    "QuantArgs": "calib.recipe",
+    "Recipe": "calib.recipe",
+    "bundled_recipes": "calib.recipe",
+    "load_recipe": "calib.recipe",
+    "parse_recipe": "calib.recipe",
+}
 
-__all__ = [
-    "CalibInputError",
-    "CalibrationSet",
-    "DatasetError",
-    "ModelNotFoundError",
-    "QuantArgs",
-    "Recipe",
-    "RecipeError",
-    "build_calibration_set",
-    "bundled_recipes",
-    "calibrate",
-    "export",
-    "load",
-    "load_recipe",
-    "parse_recipe",
-    "quantize",
-    "run",
-]
+__all__ = sorted(_EXPORTS)
+
+
+# Three public functions share their name with a submodule (calib.load,
+# calib.export, calib.quantize). Importing a submodule binds it on the package,
+# which would hide the function; the package keeps the function instead.
+_SHADOWED = {"load", "export", "quantize"}
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'calib' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,27 +1,57 @@
 """The ``calib`` command.
 
-Exit codes: 0 success; 2 bad input (one paragraph naming the cause and the fix,
-no traceback unless ``--debug``); 1 anything unexpected.
+Exit codes: 0 success (every targeted weight was quantized); 2 bad input (one
+paragraph naming the cause and the fix, no traceback unless ``--debug``);
+1 anything unexpected (a bug: the traceback is printed); 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM). Interrupted runs leave nothing behind.
+
+Importing this module is cheap: torch and transformers are imported only when
+a command needs them, so ``--help``, ``--version``, ``recipes`` and recipe
+errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import textwrap
 
+from calib import __version__
 from calib.errors import CalibInputError
 
-EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+MAX_ERROR_CHARS = 2000  # an error is one paragraph, never a wall of text (e.g. a YAML alias bomb)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every ``finally`` (temporary folders) runs."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="calib", description="Post-training quantization calibration: "
+    # --debug is accepted before and after the sub-command (`calib --debug run`, `calib run --debug`).
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks and debug logs")
+    parser = argparse.ArgumentParser(prog="calib", parents=[debug],
+                                     description="Post-training quantization calibration: "
                                      "calibrate, quantize and export FP8/INT8 checkpoints.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"calib {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="calibrate + quantize + export a model",
+    run = sub.add_parser("run", parents=[debug], help="calibrate + quantize + export a model",
                          description="Calibrate, quantize and export. With no --model/--dataset: the embedded "
                          "SmolLM2-135M-Instruct on calib's own calibration texts.")
     run.add_argument("--model", default=None,
@@ -32,9 +62,11 @@ def _parser() -> argparse.ArgumentParser:
                      "(default: calib's packaged calibration texts)")
     run.add_argument("--text-column", default="text", help="text column of the dataset (default text)")
     run.add_argument("--split", default="train", help="dataset split for hub datasets (default train)")
-    run.add_argument("--num-samples", type=int, default=None, help="calibration samples (default: recipe's)")
-    run.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: recipe's)")
-    run.add_argument("--batch-size", type=int, default=None, help="samples per forward (default: recipe's)")
+    run.add_argument("--num-samples", type=_positive_int, default=None,
+                     help="calibration samples (default: the recipe's)")
+    run.add_argument("--seq-len", type=_positive_int, default=None,
+                     help="tokens per sample (default: the recipe's, capped at the model's context)")
+    run.add_argument("--batch-size", type=_positive_int, default=None, help="samples per forward (default: recipe's)")
     run.add_argument("--packing", choices=["auto", "pack", "rows"], default="auto",
                      help="pack documents into seq-len windows, or one sample per row (auto: pack for LMs)")
     run.add_argument("--seed", type=int, default=0, help="seed for sample selection (default 0)")
@@ -42,32 +74,39 @@ def _parser() -> argparse.ArgumentParser:
                      help="dtype to load the model in (default: the checkpoint's)")
     run.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     run.add_argument("--output", default="calib-out", help="output directory (default ./calib-out)")
-    run.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --output")
     run.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--trust-remote-code", action="store_true",
+                     help="run the model's own Python code (auto_map); only for code you trust")
+    run.add_argument("--allow-pickle", action="store_true",
+                     help="also read pickle weights (pytorch_model.bin); only for files you trust")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (calib's, datasets', "
+                     "transformers')")
 
-    sub.add_parser("recipes", help="list the bundled recipes")
+    sub.add_parser("recipes", parents=[debug], help="list the bundled recipes")
     return parser
 
 
 def _print_summary(report: dict) -> None:
     t = report["timings_s"]
     before, after = report["size_before_bytes"], report["size_after_bytes"]
+    data = "none needed" if not report["dataset"] else (
+        f"{report['dataset']}: {report['num_samples']} samples x {report['seq_len']} tokens, "
+        f"{report['calibration_tokens']} tokens")
     lines = [
         f"calib {report['calib_version']}: {report['model']} -> {report['output']}",
         f"  recipe      {report['recipe']} (format {report['format']})",
-        f"  data        {report['dataset'] or 'none needed'}: {report['num_samples']} samples, "
-        f"{report['calibration_tokens']} tokens",
+        f"  data        {data}",
         f"  layers      {report['layers_quantized']} quantized",
         f"  size        {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({after / max(before, 1):.2f}x)",
         f"  time        load {t['load']:.1f}s, data {t['data']:.1f}s, calibrate {t['calibrate']:.1f}s, "
         f"quantize {t['quantize']:.1f}s, export {t['export']:.1f}s, total {t['total']:.1f}s",
         f"  peak memory {report['peak_rss_mb']:.0f} MiB RSS",
     ]
+    for note in report.get("notes", []):
+        lines.append(f"  note        {note}")
     if report.get("unobserved_modules"):
         lines.append(f"  note        {len(report['unobserved_modules'])} modules saw no tokens (sibling range used)")
-    if report.get("nonfinite_values_dropped"):
-        lines.append(f"  note        {report['nonfinite_values_dropped']} NaN/Inf activation values were ignored")
     lines.append(f"  report      {report['output']}/calib_report.json")
     print("\n".join(lines))
 
@@ -75,46 +114,99 @@ def _print_summary(report: dict) -> None:
 def _list_recipes() -> None:
     from calib.recipe import bundled_recipes, load_recipe
 
-    for name, path in bundled_recipes().items():
+    width = 20
+    for name, path in sorted(bundled_recipes().items()):
         recipe = load_recipe(path)
-        print(f"{name:20s} {recipe.format:16s} {' '.join(recipe.description.split())[:90]}")
+        data = "needs calibration data" if recipe.needs_calibration else "data-free"
+        print(f"{name:{width}s} {recipe.format}, {data}")
+        description = " ".join(recipe.description.split())
+        print(textwrap.fill(description, width=100, initial_indent=" " * (width + 1),
+                            subsequent_indent=" " * (width + 1), break_on_hyphens=False))
+
+
+def _quiet_libraries(progress: bool, debug: bool) -> None:
+    if not debug:
+        for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not progress:
+        # Other libraries' bars (datasets' map/load, transformers' weight loading, hub downloads).
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def _one_paragraph(exc: BaseException) -> str:
+    text = str(exc)
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + f"... ({len(text) - MAX_ERROR_CHARS} more characters)"
+    return text
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+    try:
+        args = _parser().parse_args(argv)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.debug:
-        for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         if args.command == "recipes":
             _list_recipes()
             return EXIT_OK
+        from calib.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)  # a bad recipe answers before torch is even imported
+        _quiet_libraries(progress=not args.no_progress, debug=debug)
         from calib.pipeline import run
 
         report = run(
-            model=args.model, recipe=args.recipe, dataset=args.dataset, output=args.output,
+            model=args.model, recipe=recipe, dataset=args.dataset, output=args.output,
             text_column=args.text_column, split=args.split, num_samples=args.num_samples,
             seq_len=args.seq_len, batch_size=args.batch_size, packing=args.packing, seed=args.seed,
             dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size,
             overwrite=args.overwrite, progress=not args.no_progress,
+            trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
         )
         _print_summary(report)
         return EXIT_OK
     except CalibInputError as exc:
-        if args.debug:
+        if debug:
             raise
-        print(f"calib: error: {exc}", file=sys.stderr)
+        print(f"calib: error: {_one_paragraph(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # `calib recipes | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except Terminated:
+        print("calib: terminated; nothing was written", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
-        print("calib: interrupted; no checkpoint was written", file=sys.stderr)
-        return 130
+        print("calib: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception:
-        if args.debug:
+        if debug:
             raise
-        logging.getLogger("calib").exception("unexpected error (please report it with the traceback above)")
+        logging.getLogger("calib").exception("unexpected error; please report it with the traceback below")
         return EXIT_BUG
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

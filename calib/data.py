@@ -80,6 +80,19 @@ class CalibrationSet:
         return -(-len(self.samples) // batch_size)
 
 
+def public_dataset_name(source: str | Path | None) -> str:
+    """How the dataset is recorded in a checkpoint: a hub id as typed, a local
+    file or folder by its name only (the token fingerprint identifies the data;
+    a machine path would leak into published checkpoints and depend on the
+    working directory)."""
+    if source is None:
+        return "calib default texts"
+    path = Path(source).expanduser()
+    if path.exists():
+        return path.resolve().name
+    return str(source)
+
+
 def _local_files(path: Path) -> tuple[str, list[str]]:
     if path.is_dir():
         files = sorted(str(p) for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
@@ -151,30 +164,35 @@ def build_calibration_set(
     packed: bool = True,
     seed: int = 0,
     rows=None,
+    warn_short: bool = True,
 ) -> CalibrationSet:
     """Tokenize, pack or truncate, and select ``num_samples`` samples (seeded).
 
     ``rows`` (from :func:`load_rows`) lets a caller read the dataset before
-    loading the model, so a bad dataset fails fast.
+    loading the model, so a bad dataset fails fast. A dataset with fewer
+    samples than asked is used whole; ``warn_short`` says whether that is
+    worth a warning (the user asked for the number) or only a note (it was
+    a recipe default).
     """
     if num_samples <= 0 or seq_len <= 0:
         raise DatasetError(f"num_samples and seq_len must be positive (got {num_samples}, {seq_len})")
     rows = load_rows(source, split) if rows is None else rows
     texts = texts_from_rows(rows, text_column, tokenizer)
-    label = "calib default texts" if source is None else str(source)
+    where = "calib default texts" if source is None else str(source)  # for messages: what the user typed
     if not texts:
-        raise DatasetError(f"{label}: no non-empty text to calibrate on")
+        raise DatasetError(f"{where}: no non-empty text to calibrate on")
     rng = random.Random(seed)
     order = list(range(len(texts)))
     rng.shuffle(order)
     samples = _packed(tokenizer, texts, order, num_samples, seq_len, rng) if packed \
         else _per_row(tokenizer, texts, order, num_samples, seq_len)
     if not samples:
-        raise DatasetError(f"{label}: tokenization produced no tokens")
+        raise DatasetError(f"{where}: tokenization produced no tokens")
     if len(samples) < num_samples:
-        log.warning("%s yields %d samples of up to %d tokens; %d were asked for", label, len(samples),
-                    seq_len, num_samples)
-    return CalibrationSet(samples=samples, source=label, seq_len=seq_len, packed=packed, seed=seed)
+        log.log(logging.WARNING if warn_short else logging.INFO,
+                "%s yields %d samples of up to %d tokens (%d asked for): calibrating on all of them", where,
+                len(samples), seq_len, num_samples)
+    return CalibrationSet(samples=samples, source=public_dataset_name(source), seq_len=seq_len, packed=packed, seed=seed)
 
 
 def _packed(tokenizer, texts, order, num_samples, seq_len, rng) -> list[torch.Tensor]:

@@ -24,7 +24,8 @@ from calib.export import atomic_directory, check_output, model_config_dict, pars
 from calib.hooks import InputGroup, observe, observing_cache
 from calib.observers import ChannelMaxObserver, Observer, make_observer
 from calib.quantize import Plan, QuantizeResult, plan_for, quantized_tensors
-from calib.recipe import Recipe, load_recipe
+from calib.devices import resolve_device
+from calib.recipe import CalibrationDefaults, Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Ca
     with atomic_directory(Path(output), overwrite) as folder:
         stream = quantized_tensors(model, recipe, calibration.plan, calibration.input_observers,
                                    calibration.kv_observers, result)
-        written = write_tensors(folder, tqdm(stream, desc="quantize+write", unit="tensor", disable=not progress),
+        written = write_tensors(folder, _with_progress(stream, model, calibration.plan, progress),
                                 provenance(recipe, data), shard_bytes)
         ignore = sorted(set(recipe.ignore) | set(calibration.plan.ignored))
         config = model_config_dict(model, recipe.to_quantization_config(ignore=ignore))
@@ -196,6 +197,22 @@ def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Ca
                 report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             (folder / "calib_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return summary
+
+
+def _with_progress(stream, model: nn.Module, plan: Plan, progress: bool):
+    """The tensor stream with a bar counting the model's tensors (and KV scales) written."""
+    sources, seen = set(), set()
+    for key, tensor in model.state_dict().items():
+        storage = (tensor.data_ptr(), tuple(tensor.shape))
+        if not tensor.numel() or storage not in seen:  # tied weights are written once
+            seen.add(storage)
+            sources.add(key)
+    total = len(sources) + 2 * len(plan.attention)
+    with tqdm(total=total, desc="quantize+write", unit="tensor", disable=not progress) as bar:
+        for name, tensor in stream:
+            if name in sources or name.endswith((".weight_packed", ".k_scale", ".v_scale")):
+                bar.update()
+            yield name, tensor
 
 
 @dataclass
@@ -252,18 +269,31 @@ def run(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     progress: bool = True,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> dict:
     """Load, calibrate, quantize and export; returns the report (also written
-    as ``calib_report.json`` in the output)."""
+    as ``calib_report.json`` in the output).
+
+    Every check that needs no model (recipe, sizes, device, output, dataset)
+    runs before the model is loaded.
+    """
     from calib.models import load_model
 
     total_start = time.perf_counter()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)  # fails before any model loads
+    for flag, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise CalibInputError(f"{flag} (--{flag.replace('_', '-')}) must be a positive whole number, "
+                                  f"got {value!r}")
+    target = resolve_device(device)
     output = Path(output)
     check_output(output.resolve(), overwrite)
     parse_size(max_shard_size)
     if packing not in ("auto", "pack", "rows"):
         raise CalibInputError(f"--packing {packing!r} is not one of auto, pack, rows")
+    notes: list[str] = []
+    samples_asked = num_samples is not None
     num_samples = num_samples or recipe.calibration.num_samples
     seq_len = seq_len or recipe.calibration.seq_len
     batch_size = batch_size or recipe.calibration.batch_size
@@ -274,17 +304,28 @@ def run(
     rows_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    loaded = load_model(model, dtype=dtype)
-    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if device == "auto" else device))
+    loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     loaded.model.to(target)
     load_s = time.perf_counter() - start
 
     data, start = None, time.perf_counter()
     if recipe.needs_calibration:
+        context = getattr(loaded.model.config, "max_position_embeddings", None)
+        if isinstance(context, int) and 0 < context < seq_len:
+            note = (f"seq_len {seq_len} exceeds the model's context ({context} positions): "
+                    f"calibrating on {context}-token samples")
+            log.warning(note)
+            notes.append(note)
+            seq_len = context
         packed = loaded.is_causal_lm if packing == "auto" else packing == "pack"
         data = build_calibration_set(loaded.tokenizer, dataset, num_samples=num_samples, seq_len=seq_len,
-                                     text_column=text_column, split=split, packed=packed, seed=seed, rows=rows)
+                                     text_column=text_column, split=split, packed=packed, seed=seed, rows=rows,
+                                     warn_short=samples_asked)
+        if len(data.samples) < num_samples and samples_asked:
+            notes.append(f"the dataset gave {len(data.samples)} samples; {num_samples} were asked for")
+        # The checkpoint records what was used, not what the recipe asked for.
+        recipe = recipe.model_copy(update={"calibration": CalibrationDefaults(
+            num_samples=len(data.samples), seq_len=data.seq_len, batch_size=batch_size)})
     elif dataset is not None:
         log.info("recipe %s computes every scale without data: --dataset is not used", recipe.name)
     data_s = time.perf_counter() - start + rows_s
@@ -304,8 +345,10 @@ def run(
         "dataset_fingerprint": data.fingerprint if data else None,
         "num_samples": len(data.samples) if data else 0,
         "seq_len": data.seq_len if data else None,
+        "batch_size": batch_size if data else None,
         "calibration_tokens": calibration.tokens,
         "smoothquant_pairs": calibration.smoothed,
+        "notes": notes,
         "timings_s": {"load": round(load_s, 3), "data": round(data_s, 3),
                       "calibrate": round(calibration.seconds, 3)},
         "size_before_bytes": state_dict_bytes(loaded.model),

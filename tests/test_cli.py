@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,10 +11,13 @@ import sys
 import pytest
 import torch
 import transformers
+import yaml
+from safetensors import safe_open
 
+import calib
 from calib.cli import main
 from calib.load import read_tensors
-from conftest import ROOT, TINYSTORIES
+from conftest import ROOT, TINYSTORIES, TINYSTORIES_TEXT
 
 
 def run_cli(*args, cwd=None):
@@ -97,3 +101,100 @@ def test_embedded_default_end_to_end(tmp_path):
 def test_python_dash_m_calib_works(entry):
     proc = subprocess.run([sys.executable, *entry], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and "run" in proc.stdout and "recipes" in proc.stdout
+
+
+def test_version_and_debug_after_the_subcommand(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"calib {calib.__version__}"
+    from calib.cli import _parser
+
+    assert _parser().parse_args(["run", "--debug"]).debug is True
+    assert _parser().parse_args(["--debug", "run"]).debug is True
+    assert not getattr(_parser().parse_args(["run"]), "debug", False)
+
+
+def test_help_and_recipe_errors_do_not_import_torch(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("weights: {num_bits: 7}\n")
+    code = (
+        "import sys\n"
+        "from calib.cli import main\n"
+        f"assert main(['run', '--recipe', {str(bad)!r}]) == 2\n"
+        "assert main(['recipes']) == 0\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_recipes_says_which_need_data_and_keeps_words_whole(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "fp8-static           float-quantized, needs calibration data" in out
+    assert "int8-w8a8-dynamic    int-quantized, data-free" in out
+    words = set(out.split())
+    for recipe in map(calib.load_recipe, calib.bundled_recipes()):
+        assert set(recipe.description.split()) <= words, recipe.name
+
+
+@pytest.mark.parametrize("flag, value", [("--num-samples", "0"), ("--seq-len", "0"), ("--batch-size", "-1"),
+                                         ("--batch-size", "two")])
+def test_counts_must_be_positive(flag, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--model", str(TINYSTORIES), flag, value, "--output", str(tmp_path / "o")])
+    assert info.value.code == 2 and flag in capsys.readouterr().err
+    with pytest.raises(calib.CalibInputError, match=flag.lstrip("-").replace("-", "_")):
+        calib.run(model=str(TINYSTORIES), output=tmp_path / "o", **{flag.lstrip("-").replace("-", "_"): 0})
+
+
+@pytest.mark.parametrize("device, says", [("banana", "is not a device"), ("xla", "runs on cpu, cuda or mps"),
+                                          ("cuda", "no CUDA device")])
+def test_bad_device_exits_2_before_any_work(device, says, tmp_path, capsys, caplog):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["run", "--model", str(TINYSTORIES), "--device", device, "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not any("loading" in r.getMessage() for r in caplog.records)  # failed before the model loaded
+
+
+def test_seq_len_beyond_the_context_is_capped_with_a_note(tmp_path, tinystories_split, caplog):
+    report = calib.run(model=str(TINYSTORIES), recipe="fp8-static", dataset=str(tinystories_split[0]),
+                       output=tmp_path / "o", num_samples=4, seq_len=2048, progress=False)
+    assert report["seq_len"] == 256  # the model's max_position_embeddings
+    assert any("exceeds the model's context (256 positions)" in n for n in report["notes"])
+    assert any(r.levelname == "WARNING" and "exceeds the model's context" in r.getMessage() for r in caplog.records)
+    recorded = yaml.safe_load((tmp_path / "o" / "recipe.yaml").read_text())["calibration"]
+    assert recorded == {"num_samples": 4, "seq_len": 256, "batch_size": 8}
+
+
+def test_recipe_default_sample_count_uses_what_there_is_quietly(tmp_path, caplog):
+    """The recipe asks for 256 samples; a small dataset gives fewer: no warning, and the checkpoint
+    records the number actually used (the no-argument main job is in this situation)."""
+    text = tmp_path / "small.txt"
+    text.write_text(TINYSTORIES_TEXT.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    report = calib.run(model=str(TINYSTORIES), recipe="fp8-static", dataset=str(text), output=tmp_path / "o",
+                       seq_len=128, progress=False)
+    assert 0 < report["num_samples"] < 256
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    recorded = yaml.safe_load((tmp_path / "o" / "recipe.yaml").read_text())["calibration"]
+    assert recorded["num_samples"] == report["num_samples"] and recorded["seq_len"] == 128
+    with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as f:
+        assert f.metadata()["calib_num_samples"] == str(report["num_samples"])
+        assert f.metadata()["calib_dataset"] == "small.txt"
+
+
+def test_no_progress_silences_every_bar(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": line}) + "\n"
+                            for line in TINYSTORIES_TEXT.read_text(encoding="utf-8").splitlines()[:200] if line))
+    proc = run_cli("run", "--model", str(TINYSTORIES), "--dataset", str(data), "--num-samples", "8",
+                   "--seq-len", "64", "--output", str(tmp_path / "o"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "%|" not in proc.stderr and "it/s" not in proc.stderr, proc.stderr
+    proc = run_cli("run", "--model", str(TINYSTORIES), "--dataset", str(data), "--num-samples", "8",
+                   "--seq-len", "64", "--output", str(tmp_path / "o2"))
+    assert proc.returncode == 0, proc.stderr
+    bars = [line for line in proc.stderr.replace("\r", "\n").splitlines() if "quantize+write" in line]
+    assert bars and all("/" in line.split("|")[-1] for line in bars)  # a bar with a total: "n/N"
