@@ -77,7 +77,12 @@ def dequantize_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def load(path: str | Path, dtype: torch.dtype | None = None):
-    """The float model of a calib checkpoint (weights dequantized), in eval mode."""
+    """The float model of a calib checkpoint (weights dequantized), in eval mode.
+
+    Only the weights carry quantization error here: activations and the KV
+    cache run in float, so for W8A8 and KV-cache recipes a quality measured on
+    this model is optimistic (the server also quantizes the activations).
+    """
     import transformers
 
     folder = Path(path)

@@ -142,7 +142,13 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: Calibration | None =
                                   calibration.kv_observers, result))
 
 
-def provenance(recipe: Recipe, data: CalibrationSet | None) -> dict[str, str]:
+def provenance(recipe: Recipe, data: CalibrationSet | None, model: nn.Module | None = None,
+               source: dict[str, str | None] | None = None) -> dict[str, str]:
+    """The string->string provenance in every shard's ``__metadata__``.
+
+    Sources are recorded as the user named hub ids, and as a file name plus a
+    content fingerprint otherwise: never a machine path.
+    """
     import transformers
 
     observers = {"weights": recipe.weights.observer}
@@ -152,6 +158,9 @@ def provenance(recipe: Recipe, data: CalibrationSet | None) -> dict[str, str]:
     return {
         "calib_version": __version__,
         "calib_recipe": recipe.to_yaml(),
+        "calib_model": (source or {}).get("name") or _public_model_name(model),
+        "calib_model_fingerprint": (source or {}).get("fingerprint") or "",
+        "calib_model_revision": (source or {}).get("revision") or "",
         "calib_dataset": data.source if data else "none (no calibration needed)",
         "calib_dataset_fingerprint": data.fingerprint if data else "",
         "calib_num_samples": str(len(data.samples)) if data else "0",
@@ -162,10 +171,16 @@ def provenance(recipe: Recipe, data: CalibrationSet | None) -> dict[str, str]:
     }
 
 
+def _public_model_name(model: nn.Module | None) -> str:
+    """A model passed in by an API caller: its config's name unless that is a local path."""
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    return Path(name).name if name.startswith(("/", ".", "~")) or Path(name).exists() else name
+
+
 def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Calibration | None = None,
            tokenizer=None, data: CalibrationSet | None = None, max_shard_size: str | int = "5GB",
            overwrite: bool = False, report: dict | None = None, progress: bool = True,
-           started_at: float | None = None) -> "ExportSummary":
+           started_at: float | None = None, source: dict[str, str | None] | None = None) -> "ExportSummary":
     """Quantize and write a compressed-tensors checkpoint to ``output`` atomically.
 
     If ``report`` is given it is completed with the export figures (and the
@@ -180,11 +195,11 @@ def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Ca
         stream = quantized_tensors(model, recipe, calibration.plan, calibration.input_observers,
                                    calibration.kv_observers, result)
         written = write_tensors(folder, _with_progress(stream, model, calibration.plan, progress),
-                                provenance(recipe, data), shard_bytes)
+                                provenance(recipe, data, model, source), shard_bytes)
         ignore = sorted(set(recipe.ignore) | set(calibration.plan.ignored))
         config = model_config_dict(model, recipe.to_quantization_config(ignore=ignore))
         write_side_files(folder, model, tokenizer, config, recipe.to_yaml())
-        summary = ExportSummary(output=str(Path(output).resolve()), files=written.files,
+        summary = ExportSummary(output=str(output), files=written.files,
                                 size_after_bytes=written.total_bytes, quantize_s=result.seconds,
                                 export_s=time.perf_counter() - start - result.seconds, result=result)
         if report is not None:
@@ -304,7 +319,7 @@ def run(
     rows_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     loaded.model.to(target)
     load_s = time.perf_counter() - start
 
@@ -336,7 +351,9 @@ def run(
 
     report = {
         "calib_version": __version__,
-        "model": loaded.source,
+        "model": loaded.public_name,
+        "model_fingerprint": loaded.fingerprint,
+        "model_revision": loaded.revision,
         "model_class": type(loaded.model).__name__,
         "recipe": recipe.name,
         "format": recipe.format,
@@ -354,5 +371,6 @@ def run(
         "size_before_bytes": state_dict_bytes(loaded.model),
     }
     export(loaded.model, recipe, output, calibration, tokenizer=tok, data=data, max_shard_size=max_shard_size,
-           overwrite=overwrite, report=report, progress=progress, started_at=total_start)
+           overwrite=overwrite, report=report, progress=progress, started_at=total_start,
+           source={"name": loaded.public_name, "fingerprint": loaded.fingerprint, "revision": loaded.revision})
     return report
