@@ -3,6 +3,7 @@ three from names and paths (what the CLI calls)."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -19,8 +20,8 @@ from calib import __version__
 from calib.algorithms.smoothquant import apply_smoothing, smoothing_pairs, smoothing_scales
 from calib.data import CalibrationSet, build_calibration_set, load_rows
 from calib.errors import CalibInputError
-from calib.export import atomic_directory, check_output, model_config_dict, parse_size, write_side_files, \
-    write_tensors
+from calib.export import atomic_directory, check_free_space, check_output, model_config_dict, parse_size, \
+    write_side_files, write_tensors
 from calib.hooks import InputGroup, observe, observing_cache
 from calib.observers import ChannelMaxObserver, Observer, make_observer
 from calib.quantize import Plan, QuantizeResult, plan_for, quantized_tensors
@@ -180,24 +181,30 @@ def _public_model_name(model: nn.Module | None) -> str:
 def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Calibration | None = None,
            tokenizer=None, data: CalibrationSet | None = None, max_shard_size: str | int = "5GB",
            overwrite: bool = False, report: dict | None = None, progress: bool = True,
-           started_at: float | None = None, source: dict[str, str | None] | None = None) -> "ExportSummary":
+           started_at: float | None = None, source: dict[str, str | None] | None = None,
+           folder: Path | None = None) -> "ExportSummary":
     """Quantize and write a compressed-tensors checkpoint to ``output`` atomically.
 
     If ``report`` is given it is completed with the export figures (and the
     total time since ``started_at``) and written as ``calib_report.json`` inside
-    the checkpoint before it is moved into place.
+    the checkpoint before it is moved into place. ``folder`` is the temporary
+    directory of an :func:`atomic_directory` the caller already holds (``run``
+    enters it before loading the model, so an unwritable output fails first).
     """
     calibration = calibration or calibrate(model, recipe, None)
     shard_bytes = parse_size(max_shard_size)
     result = QuantizeResult()
     start = time.perf_counter()
-    with atomic_directory(Path(output), overwrite) as folder:
+    scope = contextlib.nullcontext(Path(folder)) if folder is not None else atomic_directory(Path(output), overwrite)
+    with scope as folder:
+        check_free_space(folder, estimated_checkpoint_bytes(model, recipe, calibration.plan))
         stream = quantized_tensors(model, recipe, calibration.plan, calibration.input_observers,
                                    calibration.kv_observers, result)
         written = write_tensors(folder, _with_progress(stream, model, calibration.plan, progress),
                                 provenance(recipe, data, model, source), shard_bytes)
         ignore = sorted(set(recipe.ignore) | set(calibration.plan.ignored))
-        config = model_config_dict(model, recipe.to_quantization_config(ignore=ignore))
+        config = model_config_dict(model, recipe.to_quantization_config(ignore=ignore),
+                                   source_name=(source or {}).get("name") or _public_model_name(model))
         write_side_files(folder, model, tokenizer, config, recipe.to_yaml())
         summary = ExportSummary(output=str(output), files=written.files,
                                 size_after_bytes=written.total_bytes, quantize_s=result.seconds,
@@ -252,6 +259,21 @@ class ExportSummary:
         }
 
 
+def estimated_checkpoint_bytes(model: nn.Module, recipe: Recipe, plan: Plan) -> int:
+    """About what the checkpoint will take on disk: quantized weights at their
+    bit width, everything else as it is (scales are a rounding error)."""
+    quantized = {f"{name}.weight" for name in plan.targets}
+    seen, total = set(), 0
+    for key, tensor in model.state_dict().items():
+        storage = (tensor.data_ptr(), tuple(tensor.shape))
+        if storage in seen and tensor.numel():
+            continue
+        seen.add(storage)
+        bits = recipe.weights.num_bits if key in quantized else tensor.element_size() * 8
+        total += tensor.numel() * bits // 8
+    return total
+
+
 def state_dict_bytes(model: nn.Module) -> int:
     seen, total = set(), 0
     for tensor in model.state_dict().values():
@@ -303,7 +325,8 @@ def run(
                                   f"got {value!r}")
     target = resolve_device(device)
     output = Path(output)
-    check_output(output.resolve(), overwrite)
+    protected = tuple(p for p in (model, dataset) if p)  # the output may never be, hold or sit in these
+    check_output(output, overwrite, protected=protected)
     parse_size(max_shard_size)
     if packing not in ("auto", "pack", "rows"):
         raise CalibInputError(f"--packing {packing!r} is not one of auto, pack, rows")
@@ -313,64 +336,68 @@ def run(
     seq_len = seq_len or recipe.calibration.seq_len
     batch_size = batch_size or recipe.calibration.batch_size
 
-    start = time.perf_counter()
-    # Read the dataset first: a bad one fails before the (slow) model load.
-    rows = load_rows(dataset, split) if recipe.needs_calibration else None
-    rows_s = time.perf_counter() - start
+    # The temporary output is created first: an unwritable output fails before any heavy work, and
+    # whatever happens below (an error, Ctrl-C, SIGTERM) removes it.
+    with atomic_directory(output, overwrite, protected=protected) as folder:
+        start = time.perf_counter()
+        # Read the dataset first: a bad one fails before the (slow) model load.
+        rows = load_rows(dataset, split) if recipe.needs_calibration else None
+        rows_s = time.perf_counter() - start
 
-    start = time.perf_counter()
-    loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    loaded.model.to(target)
-    load_s = time.perf_counter() - start
+        start = time.perf_counter()
+        loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        loaded.model.to(target)
+        load_s = time.perf_counter() - start
 
-    data, start = None, time.perf_counter()
-    if recipe.needs_calibration:
-        context = getattr(loaded.model.config, "max_position_embeddings", None)
-        if isinstance(context, int) and 0 < context < seq_len:
-            note = (f"seq_len {seq_len} exceeds the model's context ({context} positions): "
-                    f"calibrating on {context}-token samples")
-            log.warning(note)
-            notes.append(note)
-            seq_len = context
-        packed = loaded.is_causal_lm if packing == "auto" else packing == "pack"
-        data = build_calibration_set(loaded.tokenizer, dataset, num_samples=num_samples, seq_len=seq_len,
-                                     text_column=text_column, split=split, packed=packed, seed=seed, rows=rows,
-                                     warn_short=samples_asked)
-        if len(data.samples) < num_samples and samples_asked:
-            notes.append(f"the dataset gave {len(data.samples)} samples; {num_samples} were asked for")
-        # The checkpoint records what was used, not what the recipe asked for.
-        recipe = recipe.model_copy(update={"calibration": CalibrationDefaults(
-            num_samples=len(data.samples), seq_len=data.seq_len, batch_size=batch_size)})
-    elif dataset is not None:
-        log.info("recipe %s computes every scale without data: --dataset is not used", recipe.name)
-    data_s = time.perf_counter() - start + rows_s
-    tok = loaded.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    calibration = calibrate(loaded.model, recipe, data, batch_size=batch_size, pad_token_id=pad,
-                            progress=progress)
+        data, start = None, time.perf_counter()
+        if recipe.needs_calibration:
+            context = getattr(loaded.model.config, "max_position_embeddings", None)
+            if isinstance(context, int) and 0 < context < seq_len:
+                note = (f"seq_len {seq_len} exceeds the model's context ({context} positions): "
+                        f"calibrating on {context}-token samples")
+                log.warning(note)
+                notes.append(note)
+                seq_len = context
+            packed = loaded.is_causal_lm if packing == "auto" else packing == "pack"
+            data = build_calibration_set(loaded.tokenizer, dataset, num_samples=num_samples, seq_len=seq_len,
+                                         text_column=text_column, split=split, packed=packed, seed=seed, rows=rows,
+                                         warn_short=samples_asked)
+            if len(data.samples) < num_samples and samples_asked:
+                notes.append(f"the dataset gave {len(data.samples)} samples; {num_samples} were asked for")
+            # The checkpoint records what was used, not what the recipe asked for.
+            recipe = recipe.model_copy(update={"calibration": CalibrationDefaults(
+                num_samples=len(data.samples), seq_len=data.seq_len, batch_size=batch_size)})
+        elif dataset is not None:
+            log.info("recipe %s computes every scale without data: --dataset is not used", recipe.name)
+        data_s = time.perf_counter() - start + rows_s
+        tok = loaded.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        calibration = calibrate(loaded.model, recipe, data, batch_size=batch_size, pad_token_id=pad,
+                                progress=progress)
 
-    report = {
-        "calib_version": __version__,
-        "model": loaded.public_name,
-        "model_fingerprint": loaded.fingerprint,
-        "model_revision": loaded.revision,
-        "model_class": type(loaded.model).__name__,
-        "recipe": recipe.name,
-        "format": recipe.format,
-        "device": str(target),
-        "dataset": data.source if data else None,
-        "dataset_fingerprint": data.fingerprint if data else None,
-        "num_samples": len(data.samples) if data else 0,
-        "seq_len": data.seq_len if data else None,
-        "batch_size": batch_size if data else None,
-        "calibration_tokens": calibration.tokens,
-        "smoothquant_pairs": calibration.smoothed,
-        "notes": notes,
-        "timings_s": {"load": round(load_s, 3), "data": round(data_s, 3),
-                      "calibrate": round(calibration.seconds, 3)},
-        "size_before_bytes": state_dict_bytes(loaded.model),
-    }
-    export(loaded.model, recipe, output, calibration, tokenizer=tok, data=data, max_shard_size=max_shard_size,
-           overwrite=overwrite, report=report, progress=progress, started_at=total_start,
-           source={"name": loaded.public_name, "fingerprint": loaded.fingerprint, "revision": loaded.revision})
+        report = {
+            "calib_version": __version__,
+            "model": loaded.public_name,
+            "model_fingerprint": loaded.fingerprint,
+            "model_revision": loaded.revision,
+            "model_class": type(loaded.model).__name__,
+            "recipe": recipe.name,
+            "format": recipe.format,
+            "device": str(target),
+            "dataset": data.source if data else None,
+            "dataset_fingerprint": data.fingerprint if data else None,
+            "num_samples": len(data.samples) if data else 0,
+            "seq_len": data.seq_len if data else None,
+            "batch_size": batch_size if data else None,
+            "calibration_tokens": calibration.tokens,
+            "smoothquant_pairs": calibration.smoothed,
+            "notes": notes,
+            "timings_s": {"load": round(load_s, 3), "data": round(data_s, 3),
+                          "calibrate": round(calibration.seconds, 3)},
+            "size_before_bytes": state_dict_bytes(loaded.model),
+        }
+        export(loaded.model, recipe, output, calibration, tokenizer=tok, data=data, max_shard_size=max_shard_size,
+               overwrite=overwrite, report=report, progress=progress, started_at=total_start,
+               source={"name": loaded.public_name, "fingerprint": loaded.fingerprint, "revision": loaded.revision},
+               folder=folder)
     return report

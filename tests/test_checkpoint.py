@@ -17,6 +17,7 @@ from calib.data import build_calibration_set
 from calib.errors import CalibInputError
 from calib.evaluate import perplexity
 from calib.load import read_tensors
+from calib.recipe import CalibrationDefaults
 from conftest import TINYSTORIES
 
 SAMPLES, SEQ = 64, 128
@@ -236,7 +237,12 @@ def test_provenance_metadata_and_report(checkpoints):
         meta = handle.metadata()
     assert meta["format"] == "pt"
     assert meta["calib_version"] == calib.__version__
-    assert calib.parse_recipe(meta["calib_recipe"]) == calib.load_recipe("fp8-static")
+    used = calib.load_recipe("fp8-static").model_copy(update={"calibration": CalibrationDefaults(
+        num_samples=SAMPLES, seq_len=SEQ, batch_size=16)})
+    assert calib.parse_recipe(meta["calib_recipe"]) == used  # the recipe as run: samples actually used
+    assert meta["calib_model"] == "tinystories-llama-263k" and meta["calib_dataset"] == "tinystories_calib.txt"
+    assert meta["calib_model_fingerprint"].startswith("sha256:")
+    assert str(TINYSTORIES.parent) not in json.dumps(meta) and "/tmp" not in json.dumps(meta)
     assert meta["calib_num_samples"] == str(SAMPLES) and meta["calib_seq_len"] == str(SEQ)
     assert meta["calib_dataset_fingerprint"] == report["dataset_fingerprint"]
     assert meta["calib_dataset_fingerprint"].startswith("sha256:")
@@ -246,6 +252,8 @@ def test_provenance_metadata_and_report(checkpoints):
     assert on_disk["size_after_bytes"] < on_disk["size_before_bytes"]
     assert on_disk["calibration_tokens"] == SAMPLES * SEQ
     assert yaml.safe_load((path / "recipe.yaml").read_text())["name"] == "fp8-static"
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["_name_or_path"] == "tinystories-llama-263k"
     assert (path / "tokenizer.json").is_file() and (path / "generation_config.json").is_file()
 
 
