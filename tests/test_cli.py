@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -198,3 +200,52 @@ def test_no_progress_silences_every_bar(tmp_path):
     assert proc.returncode == 0, proc.stderr
     bars = [line for line in proc.stderr.replace("\r", "\n").splitlines() if "quantize+write" in line]
     assert bars and all("/" in line.split("|")[-1] for line in bars)  # a bar with a total: "n/N"
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".o"))
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_mid_calibration_exit_cleanly(sig, code, tmp_path):
+    """Signalled while calibrating: 130/143, one line, no traceback, nothing left behind."""
+    err = tmp_path / "stderr.txt"
+    with err.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "calib", "run", "--model", str(TINYSTORIES), "--dataset", str(TINYSTORIES_TEXT),
+             "--num-samples", "1300", "--seq-len", "256", "--batch-size", "1", "--output", str(tmp_path / "o"),
+             "--no-progress"], stderr=stderr, stdout=subprocess.DEVNULL, cwd=tmp_path,
+            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        deadline = time.monotonic() + 300
+        while not _leftovers(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the temporary output appears once start-up checks pass
+        time.sleep(1.0)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=120) == code, err.read_text()
+    assert "Traceback" not in err.read_text()
+    assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
+
+
+def test_ctrl_c_while_writing_the_checkpoint_exits_130_without_traceback(tmp_path):
+    """The interrupt arrives while shards are being written (injected when writing starts)."""
+    script = (
+        "import os, signal, sys\n"
+        "import calib.pipeline as p\n"
+        "from calib.cli import main\n"
+        "real = p.write_tensors\n"
+        "def interrupted(folder, tensors, *a, **k):\n"
+        "    def stream():\n"
+        "        for i, item in enumerate(tensors):\n"
+        "            if i == 5:\n"
+        "                os.kill(os.getpid(), signal.SIGINT)\n"
+        "            yield item\n"
+        "    return real(folder, stream(), *a, **k)\n"
+        "p.write_tensors = interrupted\n"
+        f"sys.exit(main(['run', '--model', {str(TINYSTORIES)!r}, '--recipe', 'int8-w8a8-dynamic',"
+        " '--output', 'o', '--max-shard-size', '10KB']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr and "interrupted; nothing was written" in proc.stderr
+    assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
