@@ -105,6 +105,8 @@ def _print_summary(report: dict) -> None:
     ]
     for note in report.get("notes", []):
         lines.append(f"  note        {note}")
+    for entry in report.get("unmatched_recipe_entries", []):
+        lines.append(f"  warning     recipe {entry} matches no module of this model")
     if report.get("unobserved_modules"):
         lines.append(f"  note        {len(report['unobserved_modules'])} modules saw no tokens (sibling range used)")
     lines.append(f"  report      {report['output']}/calib_report.json")

@@ -14,6 +14,11 @@ KV cache: keys and values are observed where the model hands them to its cache
 (``Cache.update``), i.e. keys after rotary embedding, exactly as the cache will
 store them. A calibration forward passes :func:`observing_cache` as
 ``past_key_values``.
+
+NaN/Inf at a real token is an error, raised from the hook of the first observed
+module (in forward order) that reads it, naming the module and the batch
+(:meth:`ObservationSession.nonfinite_error`); the exception leaves the forward
+and :func:`observe` removes the hooks on the way out.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from calib.observers import Observer
+from calib.errors import CalibInputError
+from calib.observers import NonFiniteInput, Observer
 
 
 @dataclass
@@ -50,19 +56,44 @@ def _positions_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor 
     return None  # a layout we cannot align with tokens: observe all of it
 
 
+def attention_modules(model: nn.Module) -> dict[int, str]:
+    """``layer_idx -> name`` of the decoder attention modules (those that use a KV cache)."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "layer_idx", None), int) and name.endswith(("self_attn", "attention")):
+            found[module.layer_idx] = name
+    return found
+
+
 class ObservationSession:
     """State shared by the hooks during one calibration run."""
 
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None
         self.kv_observers: dict[int, tuple[Observer, Observer]] = {}
+        self.kv_names: dict[int, str] = {}  # layer_idx -> attention module name, for messages
+        self.batch_index = -1  # advanced by set_mask, which the caller calls once per batch
+        self.nonfinite: tuple[str, int] | None = None  # first (module, batch index) that saw NaN/Inf
 
     def set_mask(self, attention_mask: torch.Tensor | None) -> None:
-        """Set the padding mask of the next batch (``attention_mask == 0`` is padding)."""
+        """Start the next batch: set its padding mask (``attention_mask == 0`` is padding)."""
+        self.batch_index += 1
         if attention_mask is None or bool(attention_mask.all()):
             self.mask = None
         else:
             self.mask = attention_mask.bool()
+
+    def nonfinite_error(self, where: str, error: NonFiniteInput) -> CalibInputError:
+        """Record the first module that saw NaN/Inf and the error that names it."""
+        batch = max(self.batch_index, 0)
+        if self.nonfinite is None:
+            self.nonfinite = (where, batch)
+        return CalibInputError(
+            f"{where} received {error.kind} input at real (non-padding) tokens in calibration batch {batch} "
+            "(counting from 0): the model produces non-finite activations on the calibration data, and scales "
+            "made from them would be garbage. A model in float16/bfloat16 can overflow: load it in float32 "
+            "(--dtype float32); otherwise check the model's weights for NaN/Inf before this module."
+        )
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,8 +116,13 @@ def _observing_cache_class():
                 k = key_states.transpose(1, 2)
                 v = value_states.transpose(1, 2)
                 kmask = mask if (mask is not None and tuple(k.shape[:2]) == tuple(mask.shape)) else None
-                observers[0].update(k, kmask)
-                observers[1].update(v, kmask)
+                for which, states, observer in (("keys", k, observers[0]), ("values", v, observers[1])):
+                    try:
+                        observer.update(states, kmask)
+                    except NonFiniteInput as exc:
+                        session = self.calib_session
+                        name = session.kv_names.get(layer_idx, f"attention layer {layer_idx}")
+                        raise session.nonfinite_error(f"{name} ({which})", exc) from None
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     return ObservingCache
@@ -109,10 +145,12 @@ def observe(
     """Attach input observers to the modules named in ``groups`` for the duration."""
     session = ObservationSession()
     session.kv_observers = dict(kv_observers or {})
+    if session.kv_observers:
+        session.kv_names = attention_modules(model)
     modules = dict(model.named_modules())
     handles = []
 
-    def make_hook(group: InputGroup):
+    def make_hook(group: InputGroup, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             if not args:
                 return
@@ -121,15 +159,17 @@ def observe(
             if last is x:
                 return  # a fused sibling already observed this very tensor
             group.last_input = weakref.ref(x)
-            group.observer.update(x.detach(), _positions_mask(x, session.mask))
+            try:
+                group.observer.update(x.detach(), _positions_mask(x, session.mask))
+            except NonFiniteInput as exc:
+                raise session.nonfinite_error(name, exc) from None
 
         return hook
 
     try:
         for group in groups:
-            hook = make_hook(group)
             for name in group.names:
-                handles.append(modules[name].register_forward_pre_hook(hook))
+                handles.append(modules[name].register_forward_pre_hook(make_hook(group, name)))
         yield session
     finally:
         for handle in handles:

@@ -6,9 +6,11 @@ does the cheapest pass that gives its statistic.
 
 ``update(x, mask)`` takes the activation (``[..., channels]``) and optionally a
 boolean ``mask`` over its leading dimensions (True = a real token); masked-out
-positions (padding) never count. Non-finite values (NaN/Inf) are dropped and
-counted in ``nonfinite``, so one overflowing token cannot poison a scale; the
-report shows the count.
+positions (padding) never count, whatever they hold. A NaN or Inf at a real
+position raises :class:`NonFiniteInput`: a scale made from such a model would
+be garbage, and dropping the values would hide a broken model (the hook that
+called ``update`` re-raises it naming the module and the batch). The check is
+free for min-max: ``lo``/``hi`` are non-finite exactly when the input is.
 """
 
 from __future__ import annotations
@@ -17,7 +19,25 @@ import math
 
 import torch
 
+from calib.errors import CalibInputError
 from calib.qmath import FP8_MAX
+from calib.recipe import BINS_MAX, BINS_MIN
+
+# Candidate clips evaluated at once by the MSE search: bounds its [grid, bins] temporaries (32 MB in float64).
+_MSE_CELLS = 1 << 22
+
+
+class NonFiniteInput(CalibInputError):
+    """An observer saw NaN or Inf at a real-token position (``kind``: "NaN" or "Inf")."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"observed {kind} at real (non-padding) token positions")
+        self.kind = kind
+
+
+def nonfinite_kind(*values: torch.Tensor) -> str:
+    """``NaN`` if any of the reduced values is NaN, else ``Inf``: for the error message."""
+    return "NaN" if any(bool(torch.isnan(v).any()) for v in values) else "Inf"
 
 
 def _valid(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -36,7 +56,6 @@ class Observer:
         self.min_val: torch.Tensor | None = None
         self.max_val: torch.Tensor | None = None
         self.count = 0  # tokens (rows) observed
-        self.nonfinite = 0  # values dropped for being NaN/Inf
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -52,13 +71,8 @@ class Observer:
                 return
             lo, hi = lo.min(), hi.max()
         if not (torch.isfinite(lo) and torch.isfinite(hi)):
-            flat = _valid(x, mask).reshape(-1)
-            finite = torch.isfinite(flat)
-            self.nonfinite += int((~finite).sum())
-            flat = flat[finite]
-            if flat.numel() == 0:
-                return
-            lo, hi = torch.aminmax(flat)
+            # min/max propagate NaN and reach +-Inf, and were taken over real tokens only.
+            raise NonFiniteInput(nonfinite_kind(lo, hi))
         self._merge_minmax(lo.float(), hi.float())
         self.count += rows
         self._update_extra(x, mask)
@@ -99,7 +113,9 @@ class ChannelMaxObserver:
         rows = _valid(x, mask)
         if rows.numel() == 0:
             return
-        a = torch.nan_to_num(rows.abs().float(), nan=0.0, posinf=0.0).amax(dim=0)
+        a = rows.abs().float().amax(dim=0)
+        if not torch.isfinite(a).all():
+            raise NonFiniteInput(nonfinite_kind(a))
         self.amax = a if self.amax is None else torch.maximum(self.amax, a)
         self.count += rows.shape[0]
 
@@ -163,8 +179,8 @@ class HistogramObserver(Observer):
 
     def __init__(self, bins: int = 2048) -> None:
         super().__init__()
-        if bins < 16 or bins & (bins - 1):
-            raise ValueError(f"bins must be a power of two >= 16, got {bins}")
+        if not BINS_MIN <= bins <= BINS_MAX or bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two from {BINS_MIN} to {BINS_MAX}, got {bins}")
         self.bins = bins
         self.hist = torch.zeros(bins, dtype=torch.float64)
         self.edge = 0.0
@@ -191,8 +207,6 @@ class HistogramObserver(Observer):
         if top > self.edge:
             self._grow_to(top)
         v = _valid(x, mask) if mask is not None else x
-        if self.nonfinite:
-            v = v[torch.isfinite(v)]
         # One pass over the signed values with 2*bins bins on [-edge, edge], then
         # fold: bin bins+i holds |x| in bin i from above, bin bins-1-i from below.
         # (Cheaper than materialising |x| and its bin indices.)
@@ -239,7 +253,9 @@ class MSEObserver(HistogramObserver):
         if not self.observed or float(top) == 0.0:
             return top
         candidates = torch.linspace(0.3, 1.0, self.grid, dtype=torch.float64) * float(top)
-        errors = expected_sq_error(self.centers(), self.hist, candidates, qmax, is_float)
+        centers, chunk = self.centers(), max(1, _MSE_CELLS // self.bins)
+        errors = torch.cat([expected_sq_error(centers, self.hist, part, qmax, is_float)
+                            for part in candidates.split(chunk)])
         return candidates[int(torch.argmin(errors))].to(torch.float32)
 
 
@@ -281,6 +297,7 @@ __all__ = [
     "FP8_MAX",
     "HistogramObserver",
     "MSEObserver",
+    "NonFiniteInput",
     "Observer",
     "PercentileObserver",
     "expected_sq_error",

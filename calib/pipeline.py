@@ -253,7 +253,6 @@ class ExportSummary:
             "size_after_bytes": self.size_after_bytes,
             "layers_quantized": len(self.result.layers),
             "unobserved_modules": self.result.unobserved,
-            "nonfinite_values_dropped": self.result.nonfinite,
             "kv_scales": self.result.kv_scales,
             "layers": [asdict(layer) for layer in self.result.layers],
         }
@@ -286,6 +285,29 @@ def state_dict_bytes(model: nn.Module) -> int:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def plan_before_loading(model: str | None, recipe: Recipe, trust_remote_code: bool = False) -> None:
+    """Plan the recipe on the model's skeleton (``meta`` device: no weights read,
+    no memory), so a recipe that cannot apply (a group size that does not divide
+    a layer, nothing targeted, ...) fails before the slow weight load. GGUF
+    models get their config from the weights file and are planned after loading."""
+    import transformers
+
+    from calib.models import _is_causal_lm, resolve_source
+
+    folder, gguf_file = resolve_source(model)
+    if gguf_file:
+        return
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        auto = transformers.AutoModelForCausalLM if _is_causal_lm(config) else transformers.AutoModel
+        with torch.device("meta"):
+            skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # the real load below reports a broken model with the file it looked at
+        log.debug("no skeleton plan before loading (%s); planning after loading", exc)
+        return
+    plan_for(skeleton, recipe, warn=False)
 
 
 def run(
@@ -344,6 +366,7 @@ def run(
         rows = load_rows(dataset, split) if recipe.needs_calibration else None
         rows_s = time.perf_counter() - start
 
+        plan_before_loading(model, recipe, trust_remote_code)
         start = time.perf_counter()
         loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         loaded.model.to(target)
@@ -391,6 +414,7 @@ def run(
             "batch_size": batch_size if data else None,
             "calibration_tokens": calibration.tokens,
             "smoothquant_pairs": calibration.smoothed,
+            "unmatched_recipe_entries": calibration.plan.unmatched,
             "notes": notes,
             "timings_s": {"load": round(load_s, 3), "data": round(data_s, 3),
                           "calibrate": round(calibration.seconds, 3)},

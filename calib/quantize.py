@@ -19,10 +19,16 @@ from torch import nn
 
 from calib import qmath
 from calib.errors import CalibInputError
+from calib.hooks import attention_modules
 from calib.observers import Observer, weight_amax_mse
 from calib.recipe import QuantArgs, Recipe
 
 log = logging.getLogger(__name__)
+
+# Group sizes suggested when a recipe's does not divide some layer's width.
+GROUP_SIZE_CHOICES = (16, 32, 64, 128, 256)
+# Layers named in an error message before "and N more".
+SHOWN_LAYERS = 4
 
 # Sibling projections that vLLM/SGLang load into one fused GEMM. They read the
 # same input, so they must share input scales; FP8 per-tensor weight scales are
@@ -38,13 +44,13 @@ FUSED_SIBLINGS: tuple[tuple[str, ...], ...] = (
 def matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
     """compressed-tensors matching: exact module name, ``re:`` regex (``re.match``,
     anchored at the start), or module class name."""
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            if re.match(pattern[3:], name):
-                return True
-        elif pattern == name or pattern == type(module).__name__:
-            return True
-    return False
+    return any(_matches_one(name, module, pattern) for pattern in patterns)
+
+
+def _matches_one(name: str, module: nn.Module, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return pattern == name or pattern == type(module).__name__
 
 
 def tied_to_input_embeddings(model: nn.Module, name: str, module: nn.Module) -> bool:
@@ -61,6 +67,8 @@ class Plan:
     ignored: list[str]  # targeted-by-class modules left in high precision
     fused: list[list[str]]  # groups of sibling names served as one GEMM
     attention: dict[int, str] = field(default_factory=dict)  # layer_idx -> attention module name
+    # recipe entries that match no module, as "targets: X" / "ignore: X" (each also logged as a warning)
+    unmatched: list[str] = field(default_factory=list)
 
     def group_of(self, name: str) -> list[str]:
         for group in self.fused:
@@ -69,16 +77,30 @@ class Plan:
         return [name]
 
 
-def plan_for(model: nn.Module, recipe: Recipe) -> Plan:
+def plan_for(model: nn.Module, recipe: Recipe, warn: bool = True) -> Plan:
+    """Which modules ``recipe`` quantizes in ``model``, checked against the model's shapes.
+
+    Reads names, classes and shapes only, never a weight value: it runs on a model
+    built on the ``meta`` device, so a recipe that cannot fit the model (a group
+    size that does not divide a layer) fails before any weight is loaded.
+    ``warn=False`` keeps that early plan quiet (the real one warns).
+    """
     targets: dict[str, nn.Linear] = {}
     ignored: list[str] = []
+    hits: set[tuple[str, str]] = set()  # (field, entry) that matched some module
     for name, module in model.named_modules():
-        if not name or not matches(name, module, recipe.targets):
+        if not name:
+            continue
+        by_target = [p for p in recipe.targets if _matches_one(name, module, p)]
+        by_ignore = [p for p in recipe.ignore if _matches_one(name, module, p)]
+        hits.update(("targets", p) for p in by_target)
+        hits.update(("ignore", p) for p in by_ignore)
+        if not by_target:
             continue
         if not isinstance(module, nn.Linear):
             log.debug("target %s matched %s (not a Linear): skipped", name, type(module).__name__)
             continue
-        if matches(name, module, recipe.ignore):
+        if by_ignore:
             ignored.append(name)
             continue
         if tied_to_input_embeddings(model, name, module):
@@ -86,23 +108,77 @@ def plan_for(model: nn.Module, recipe: Recipe) -> Plan:
             ignored.append(name)
             continue
         targets[name] = module
+    unmatched = _unmatched_entries(model, recipe, hits, logging.WARNING if warn else logging.DEBUG)
     if not targets:
         raise CalibInputError(
             f"recipe targets {recipe.targets} (minus ignore {recipe.ignore}) match no Linear module in "
             f"{type(model).__name__}. Check the targets/ignore fields of the recipe."
         )
+    if recipe.weights.strategy == "group":
+        _check_group_size(targets, recipe.weights.group_size)
     fused = _fused_groups(targets, ignored)
     attention = {}
     if recipe.kv_cache is not None:
-        for name, module in model.named_modules():
-            if isinstance(getattr(module, "layer_idx", None), int) and name.endswith(("self_attn", "attention")):
-                attention[module.layer_idx] = name
+        attention = attention_modules(model)
         if not attention:
             raise CalibInputError(
                 f"recipe {recipe.name!r} asks for FP8 KV-cache scales, but {type(model).__name__} has no "
                 "decoder attention modules with a KV cache (an encoder?). Use a recipe without kv_cache."
             )
-    return Plan(targets=targets, ignored=ignored, fused=fused, attention=attention)
+    return Plan(targets=targets, ignored=ignored, fused=fused, attention=attention, unmatched=unmatched)
+
+
+def _unmatched_entries(model: nn.Module, recipe: Recipe, hits: set[tuple[str, str]],
+                       level: int = logging.WARNING) -> list[str]:
+    """Warn about each targets/ignore entry that matches no module, and list them.
+
+    A pattern written for a server's fused names (``re:.*qkv_proj``) matches none
+    of the Hugging Face modules calib sees, and would silently quantize what the
+    user meant to skip. The default ``lm_head`` entry on a model without one (an
+    encoder) is expected: info only.
+    """
+    example = next((n for n, m in model.named_modules() if isinstance(m, nn.Linear)), None)
+    unmatched = []
+    for field_name, entries in (("targets", recipe.targets), ("ignore", recipe.ignore)):
+        for entry in dict.fromkeys(entries):
+            if (field_name, entry) in hits:
+                continue
+            if field_name == "ignore" and entry == "lm_head":
+                log.log(min(level, logging.INFO), "ignore entry 'lm_head' matches no module: %s has no LM head", type(model).__name__)
+                continue
+            effect = "quantizes nothing" if field_name == "targets" else "leaves nothing in high precision"
+            log.log(level, "recipe %s entry %r matches no module of %s, so it %s. Entries match calib's module names "
+                        "(e.g. %r) or class names, not a server's fused names (qkv_proj, gate_up_proj): fix or "
+                        "remove it.", field_name, entry, type(model).__name__, effect, example)
+            unmatched.append(f"{field_name}: {entry}")
+    return unmatched
+
+
+def group_sizes_dividing(widths: set[int], choices: tuple[int, ...] = GROUP_SIZE_CHOICES) -> list[int]:
+    """The group sizes among ``choices`` that divide every width."""
+    return [g for g in choices if all(w % g == 0 for w in widths)]
+
+
+def _check_group_size(targets: dict[str, nn.Linear], group_size: int) -> None:
+    """Group scales split each row's ``in_features`` into whole groups: refuse a
+    size that does not divide a targeted layer, from shapes alone."""
+    bad = [(name, module.in_features) for name, module in targets.items() if module.in_features % group_size]
+    if not bad:
+        return
+    shown = ", ".join(f"{name} ({width})" for name, width in bad[:SHOWN_LAYERS])
+    more = f" and {len(bad) - SHOWN_LAYERS} more" if len(bad) > SHOWN_LAYERS else ""
+    fits = group_sizes_dividing({module.in_features for module in targets.values()})
+    lo, hi = GROUP_SIZE_CHOICES[0], GROUP_SIZE_CHOICES[-1]
+    if fits:
+        fix = (f"The group sizes that divide every targeted layer's width: {', '.join(map(str, fits))}; set "
+               "weights.group_size to one of them.")
+    else:
+        fix = (f"There is no group size from {lo} to {hi} that divides every targeted layer's width: use "
+               "weights.strategy: channel, or ignore the layers listed.")
+    raise CalibInputError(
+        f"weights.group_size {group_size} does not divide the input width of {len(bad)} targeted "
+        f"layer{'s' if len(bad) > 1 else ''}: {shown}{more}; each row must split into whole groups. {fix}"
+    )
 
 
 def _fused_groups(targets: dict[str, nn.Linear], ignored: list[str]) -> list[list[str]]:
@@ -127,9 +203,29 @@ def _fused_groups(targets: dict[str, nn.Linear], ignored: list[str]) -> list[lis
     return groups
 
 
-def weight_amax(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """The clipping range of a weight at the scheme's granularity."""
-    amax = qmath.amax_per_strategy(w, args.strategy, args.group_size)
+def nonfinite_weight_error(name: str, w: torch.Tensor) -> CalibInputError:
+    """The error for a weight holding NaN/Inf (counted only once one is known to be there)."""
+    nan = int(torch.isnan(w).sum())
+    bad = int((~torch.isfinite(w)).sum())
+    return CalibInputError(
+        f"{name}.weight holds {bad} non-finite value{'s' if bad != 1 else ''} ({nan} NaN, {bad - nan} Inf) of "
+        f"{w.numel()}: quantizing it would export garbage. The model's weights are damaged (or were converted "
+        "with an overflow): check the model file, or re-download or re-convert it."
+    )
+
+
+def finite_amax(name: str, w: torch.Tensor, strategy: str, group_size: int | None = None) -> torch.Tensor:
+    """``max |w|`` per scale, refusing NaN/Inf: the reduction propagates them, so
+    checking its few values is the cheap test of the whole weight."""
+    amax = qmath.amax_per_strategy(w, strategy, group_size)
+    if not torch.isfinite(amax).all():
+        raise nonfinite_weight_error(name, w)
+    return amax
+
+
+def weight_amax(w: torch.Tensor, args: QuantArgs, name: str = "weight") -> torch.Tensor:
+    """The clipping range of a weight at the scheme's granularity (``name`` for errors)."""
+    amax = finite_amax(name, w, args.strategy, args.group_size)
     if args.observer == "mse":
         qmax = qmath.qmax_for(args.num_bits, args.is_fp8)
         if args.strategy == "group":
@@ -171,7 +267,6 @@ class QuantizeResult:
     layers: list[LayerStats] = field(default_factory=list)
     kv_scales: dict[str, dict[str, float]] = field(default_factory=dict)
     unobserved: list[str] = field(default_factory=list)
-    nonfinite: int = 0
     seconds: float = 0.0
 
 
@@ -230,7 +325,7 @@ def quantized_tensors(
     shared_weight_amax: dict[str, torch.Tensor] = {}
     if w_args.is_fp8 and w_args.strategy == "tensor":
         for group in plan.fused:
-            top = torch.stack([plan.targets[n].weight.detach().abs().amax().float() for n in group]).max()
+            top = torch.stack([finite_amax(n, plan.targets[n].weight.detach(), "tensor") for n in group]).max()
             shared_weight_amax.update({n: top.reshape(1) for n in group})
 
     kv_by_attention = {}
@@ -262,12 +357,9 @@ def quantized_tensors(
         dtype = _module_dtype(model, attn_name)
         for which, obs in zip(("k", "v"), observers):
             scale = qmath.storage_scale(qmath.symmetric_scale(obs.absmax().reshape(1), qmath.FP8_MAX), dtype)
-            result.nonfinite += obs.nonfinite
             scales[f"{which}_scale"] = float(scale)
             yield f"{attn_name}.{which}_scale", scale
         result.kv_scales[attn_name] = scales
-    unique = {id(o): o for o in (input_observers or {}).values()}
-    result.nonfinite += sum(o.nonfinite for o in unique.values())
     result.seconds += time.perf_counter() - start
 
 
@@ -283,7 +375,7 @@ def _quantize_layer(name, weight, recipe, input_amax, shared_weight_amax, input_
     dtype = weight.dtype
     amax = shared_weight_amax.get(name)
     if amax is None:
-        amax = weight_amax(weight, w_args)
+        amax = weight_amax(weight, w_args, name)
     q, scale = quantize_weight(weight, w_args, amax, dtype)
     full = qmath.expand_scale(scale.float(), weight.shape, w_args.strategy, w_args.group_size)
     stats = LayerStats(

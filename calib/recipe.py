@@ -9,6 +9,7 @@ before any model is loaded, with the file, the field path and what is allowed.
 from __future__ import annotations
 
 import re
+import reprlib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,62 @@ OBSERVER_KWARGS = {
     "percentile": {"percentile", "bins"},
     "mse": {"bins", "grid", "norm"},
 }
+# Histogram bins: the observers re-bin by halving, so a power of two; memory is O(bins).
+BINS_MIN, BINS_MAX = 16, 65536
+# MSE clip search candidates: at least both ends of the search range.
+GRID_MIN, GRID_MAX = 2, 1000
+# A recipe is a few dozen fields: anything far larger is a mistake or an attack.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_VALUES = 10_000
+MAX_REPR_CHARS = 200
+MAX_ERROR_LINES = 20
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 3, 6, 6, 6, 6
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 120, 120, 40
+
+
+def short_repr(value: Any, limit: int = MAX_REPR_CHARS) -> str:
+    """``repr`` bounded in work and length: a value from a YAML alias bomb would
+    otherwise expand to hundreds of MB inside an error message."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def observer_kwargs_problem(observer: str, kwargs: dict[str, Any]) -> str | None:
+    """The first out-of-range observer_kwargs value, as ``observer_kwargs.key: why``; None if all fit.
+
+    Ranges follow what calib/observers.py implements, so a bad value fails here,
+    before any model is loaded, instead of as a traceback when observers are built.
+    """
+    unknown = sorted(set(kwargs) - OBSERVER_KWARGS[observer], key=str)
+    if unknown:
+        allowed = sorted(OBSERVER_KWARGS[observer])
+        return (f"observer_kwargs: unknown key(s) {short_repr(unknown)} for observer {observer} "
+                f"(allowed: {allowed or 'none'})")
+    bins = kwargs.get("bins")
+    if "bins" in kwargs and not (_is_int(bins) and BINS_MIN <= bins <= BINS_MAX and not bins & (bins - 1)):
+        return (f"observer_kwargs.bins: {short_repr(bins)} must be a power of two from {BINS_MIN} to {BINS_MAX} "
+                "(e.g. 2048)")
+    grid = kwargs.get("grid")
+    if "grid" in kwargs and not (_is_int(grid) and GRID_MIN <= grid <= GRID_MAX):
+        return f"observer_kwargs.grid: {short_repr(grid)} must be a whole number from {GRID_MIN} to {GRID_MAX}"
+    norm = kwargs.get("norm")
+    if "norm" in kwargs and not (_is_number(norm) and float(norm) == 2.0):
+        return (f"observer_kwargs.norm: {short_repr(norm)} is not supported: the mse observer minimises the "
+                "squared error (norm 2); remove norm or set it to 2")
+    pct = kwargs.get("percentile")
+    if "percentile" in kwargs and not (_is_number(pct) and 50.0 < float(pct) <= 100.0):
+        return f"observer_kwargs.percentile: {short_repr(pct)} must be a number in (50, 100], e.g. 99.99"
+    return None
 
 
 class QuantArgs(BaseModel):
@@ -67,16 +124,9 @@ class QuantArgs(BaseModel):
                              "nothing to observe: remove observer/observer_kwargs or set dynamic: false")
         if self.strategy == "token" and not self.dynamic:
             raise ValueError("strategy: token scales exist only at run time: set dynamic: true")
-        allowed = OBSERVER_KWARGS[self.observer]
-        unknown = sorted(set(self.observer_kwargs) - allowed)
-        if unknown:
-            raise ValueError(
-                f"observer_kwargs: unknown key(s) {unknown} for observer {self.observer} "
-                f"(allowed: {sorted(allowed) or 'none'})"
-            )
-        pct = self.observer_kwargs.get("percentile")
-        if pct is not None and not (isinstance(pct, (int, float)) and 50.0 < float(pct) <= 100.0):
-            raise ValueError(f"observer_kwargs.percentile: {pct!r} must be a number in (50, 100]")
+        problem = observer_kwargs_problem(self.observer, self.observer_kwargs)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
@@ -138,7 +188,7 @@ class Recipe(BaseModel):
                 try:
                     re.compile(value[3:])
                 except re.error as exc:
-                    raise ValueError(f"{value!r} is not a valid regular expression ({exc})") from None
+                    raise ValueError(f"{short_repr(value)} is not a valid regular expression ({exc})") from None
             elif not value:
                 raise ValueError("empty name")
         return values
@@ -169,6 +219,15 @@ class Recipe(BaseModel):
             if w.strategy == "group":
                 raise ValueError("weights.strategy: group scales with quantized activations are not servable; "
                                  "use tensor or channel")
+            if w.type == "int" and w.strategy == "tensor":
+                # SGLang 0.5.23 re-quantizes per-tensor INT8 weights through FP8: 127 comes back as 128,
+                # which overflows int8. Per-channel scales load as they are everywhere.
+                raise ValueError("weights.strategy: INT8 per-tensor weights with quantized activations are not "
+                                 "servable everywhere (SGLang re-quantizes them through FP8 and 127 overflows to "
+                                 "128); use strategy: channel")
+            if a.type == "int" and a.dynamic and a.strategy == "tensor":
+                raise ValueError("input_activations.strategy: INT8 dynamic activations are per token in vLLM and "
+                                 "SGLang (neither has a dynamic per-tensor INT8 scheme); use strategy: token")
             if a.dynamic and a.strategy not in ("token", "tensor"):
                 raise ValueError(f"input_activations.strategy: dynamic activations use token or tensor, "
                                  f"not {a.strategy}")
@@ -260,7 +319,7 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
         allowed = ", ".join(p.strip() for p in re.split(r",| or ", expected) if p.strip())
-        return f"{path}: {value!r} is not one of {allowed}"
+        return f"{path}: {short_repr(value)} is not one of {allowed}"
     if kind == "extra_forbidden":
         return f"{path}: unknown key (see recipes/ for the fields a recipe has)"
     if kind == "missing":
@@ -269,7 +328,7 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "value_error" and re.match(r"^[\w.]+: ", message):
         # Cross-field checks start with the field they are about.
         return f"{path}.{message}" if path else message
-    return f"{path}: {message} (got {value!r})"
+    return f"{path}: {message} (got {short_repr(value)})"
 
 
 def _validate(data: Any, source: str) -> Recipe:
@@ -280,7 +339,10 @@ def _validate(data: Any, source: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(err) for err in exc.errors()]
+        errors = exc.errors()
+        lines = [_describe(err) for err in errors[:MAX_ERROR_LINES]]
+        if len(errors) > MAX_ERROR_LINES:
+            lines.append(f"... and {len(errors) - MAX_ERROR_LINES} more errors")
         raise RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines)) from None
 
 
@@ -291,12 +353,87 @@ def bundled_recipes() -> dict[str, Path]:
             if str(p).endswith(".yaml")}
 
 
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def expanded_size(root: yaml.Node, cap: int) -> int:
+    """Number of YAML nodes once every alias is expanded, stopped at ``cap``.
+
+    Aliases share nodes, so 9 levels of 9 aliases are 90 nodes on the page but
+    9^9 values once expanded; sizes are memoised per node, so this costs the
+    size on the page. A recursive alias expands without end and counts as ``cap``.
+    Iterative: deep nesting must not hit Python's recursion limit.
+    """
+    size: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the current path: seeing one again is a cycle
+    stack = [root]
+    while stack:
+        node = stack[-1]
+        key = id(node)
+        if key in size:
+            stack.pop()
+            continue
+        kids = _yaml_children(node)
+        if key not in open_nodes:
+            open_nodes.add(key)
+            for kid in kids:
+                if id(kid) in open_nodes:
+                    return cap
+                if id(kid) not in size:
+                    stack.append(kid)
+            continue
+        size[key] = min(cap, 1 + sum(size[id(kid)] for kid in kids))
+        open_nodes.discard(key)
+        stack.pop()
+    return size[id(root)]
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` that refuses documents expanding to absurd sizes."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if expanded_size(node, MAX_YAML_VALUES + 1) > MAX_YAML_VALUES:
+            raise RecipeError(f"{source}: the YAML expands to more than {MAX_YAML_VALUES} values (anchors and "
+                              "aliases nested or recursive); a recipe is a few dozen fields: write them out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def parse_recipe(text: str, source: str = "<string>") -> Recipe:
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text, source)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: not valid YAML for a recipe: nested too deeply") from None
     return _validate(data, source)
+
+
+def read_recipe_text(path: Path) -> str:
+    """The recipe file as text, or a RecipeError naming the file (size, encoding, access)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: a recipe is a small YAML file; this one is {size} bytes (limit "
+                              f"{MAX_RECIPE_BYTES}). Check the path.")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        raise RecipeError(f"{path}: not UTF-8 text (byte 0x{byte:02x} at offset {exc.start}): save the recipe as "
+                          "UTF-8") from None
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
@@ -308,7 +445,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
             path = bundled[str(name_or_path)]
         else:
             raise RecipeError(
-                f"recipe {str(name_or_path)!r} is neither a file nor a bundled recipe "
+                f"recipe {short_repr(str(name_or_path))} is neither a file nor a bundled recipe "
                 f"(bundled: {', '.join(bundled)}). Pass a recipe name or a path to a YAML file."
             )
-    return parse_recipe(path.read_text(encoding="utf-8"), source=str(path))
+    return parse_recipe(read_recipe_text(path), source=str(path))

@@ -46,9 +46,7 @@ def checkpoints(tinystories_split, tmp_path_factory):
     calib_txt, _ = tinystories_split
     root = tmp_path_factory.mktemp("ckpt")
     out = {}
-    recipes = {name: name for name in calib.bundled_recipes() if name != "int4-w4a16"}
-    int4 = calib.load_recipe("int4-w4a16")  # group 128 does not divide this model's width of 64
-    recipes["int4-w4a16-g32"] = int4.model_copy(update={"weights": int4.weights.model_copy(update={"group_size": 32})})
+    recipes = {name: name for name in calib.bundled_recipes()}
     for name, recipe in recipes.items():
         report = calib.run(model=str(TINYSTORIES), recipe=recipe, dataset=str(calib_txt), output=root / name,
                            num_samples=SAMPLES, seq_len=SEQ, batch_size=16, progress=False)
@@ -177,7 +175,7 @@ def test_input_scales_equal_observed_activation_max(checkpoints, tinystories_spl
     ("fp8-static-kv", 1.03),
     ("int8-w8a8-static", 1.02),
     ("int8-w8a16", 1.005),
-    ("int4-w4a16-g32", 1.08),  # round-to-nearest INT4 with MSE clipping (no GPTQ)
+    ("int4-w4a16", 1.08),  # group 64, round-to-nearest INT4 with MSE clipping (no GPTQ): measured 1.0735
 ])
 def test_heldout_perplexity_through_compressed_tensors(checkpoints, tinystories_split, tokenizer, fp32_ppl,
                                                        recipe, bound):
@@ -191,7 +189,7 @@ def test_heldout_perplexity_through_compressed_tensors(checkpoints, tinystories_
     assert 0.99 < ratio <= bound, f"{recipe}: PPL ratio {ratio:.4f} > {bound}"
 
 
-@pytest.mark.parametrize("recipe, bits, per_word", [("int8-w8a16", 8, 4), ("int4-w4a16-g32", 4, 8)])
+@pytest.mark.parametrize("recipe, bits, per_word", [("int8-w8a16", 8, 4), ("int4-w4a16", 4, 8)])
 def test_packed_weight_only_checkpoints(checkpoints, tokenizer, recipe, bits, per_word):
     """pack-quantized: int32 words, original shape, per-channel or per-group scales; our loader
     and compressed-tensors decode the same weights."""
@@ -202,7 +200,7 @@ def test_packed_weight_only_checkpoints(checkpoints, tokenizer, recipe, bits, pe
         assert f"{name}.weight" not in tensors
         assert packed.dtype == torch.int32 and shape.tolist() == [packed.shape[0], packed.shape[1] * per_word]
         scale = tensors[f"{name}.weight_scale"]
-        groups = 1 if bits == 8 else shape[1] // 32
+        groups = 1 if bits == 8 else shape[1] // 64
         assert tuple(scale.shape) == (shape[0], groups)
     ours, theirs = calib.load(path), ct_load(path)
     ids = tokenizer("Once upon a time there was a little cat.", return_tensors="pt")["input_ids"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -248,4 +249,26 @@ def test_ctrl_c_while_writing_the_checkpoint_exits_130_without_traceback(tmp_pat
                           env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr and "interrupted; nothing was written" in proc.stderr
+    assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
+
+
+def test_two_identical_runs_write_identical_bytes(tmp_path, tinystories_split):
+    """Same inputs, same checkpoint: every file byte for byte, apart from the report's timings."""
+    digests = []
+    for name in ("a", "b"):
+        calib.run(model=str(TINYSTORIES), recipe="fp8-static-kv", dataset=str(tinystories_split[0]),
+                  output=tmp_path / name, num_samples=16, seq_len=64, max_shard_size="20KB", progress=False)
+        files = sorted(p for p in (tmp_path / name).rglob("*") if p.is_file() and p.name != "calib_report.json")
+        digests.append({p.relative_to(tmp_path / name).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in files})
+    assert len(digests[0]) > 5 and any(k.startswith("model-00002-of-") for k in digests[0])
+    assert digests[0] == digests[1]
+
+
+def test_group_size_that_does_not_divide_a_layer_fails_before_the_weights_load(tmp_path, caplog):
+    int4 = calib.load_recipe("int4-w4a16")
+    g128 = int4.model_copy(update={"weights": int4.weights.model_copy(update={"group_size": 128})})
+    with pytest.raises(calib.CalibInputError, match=r"group_size 128 does not divide .* 16, 32, 64"):
+        calib.run(model=str(TINYSTORIES), recipe=g128, output=tmp_path / "o", progress=False)
+    assert not any(r.name == "calib.models" and "loading" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []

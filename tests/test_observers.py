@@ -1,10 +1,13 @@
 """Observers against slow references (torch.quantile, full histograms, brute force)."""
 
+import pytest
 import torch
 
 from calib.observers import (
+    ChannelMaxObserver,
     HistogramObserver,
     MSEObserver,
+    NonFiniteInput,
     Observer,
     PercentileObserver,
     expected_sq_error,
@@ -42,16 +45,73 @@ def test_padding_positions_never_reach_the_observer():
     assert pct.hist.sum() == x[mask].numel()
 
 
-def test_nonfinite_values_are_dropped_and_counted():
+ALL_OBSERVERS = (Observer, lambda: PercentileObserver(99.9), lambda: MSEObserver(bins=256), ChannelMaxObserver)
+
+
+@pytest.mark.parametrize("make", ALL_OBSERVERS)
+@pytest.mark.parametrize("value, kind", [(float("nan"), "NaN"), (float("inf"), "Inf"), (float("-inf"), "Inf")])
+def test_nonfinite_value_at_a_real_token_is_an_error(make, value, kind):
+    """No dropping: a scale from a model that makes NaN/Inf would hide the broken model."""
     x = torch.randn(1, 4, 8)
-    x[0, 1, 2] = float("nan")
-    x[0, 2, 3] = float("inf")
-    obs = PercentileObserver(100.0)
-    obs.update(x)
-    finite = x[torch.isfinite(x)]
-    assert obs.nonfinite == 2
-    assert float(obs.absmax()) == float(finite.abs().max())
-    assert obs.hist.sum() == finite.numel()
+    x[0, 1, 2] = value
+    obs = make()
+    with pytest.raises(NonFiniteInput) as info:
+        obs.update(x)
+    assert info.value.kind == kind
+    assert not obs.observed  # nothing of the bad batch was kept
+
+
+@pytest.mark.parametrize("make", ALL_OBSERVERS)
+def test_input_that_is_only_nan_is_an_error_not_an_unobserved_module(make):
+    """Before, an all-NaN input left the observer empty, and the module borrowed
+    its siblings' range (the fallback meant for MoE experts that saw no tokens)."""
+    obs = make()
+    obs.update(torch.randn(1, 3, 8))
+    with pytest.raises(NonFiniteInput, match="NaN"):
+        obs.update(torch.full((1, 3, 8), float("nan")))
+
+
+@pytest.mark.parametrize("make", ALL_OBSERVERS)
+def test_nan_and_inf_at_padding_positions_are_ignored(make):
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    x[0, 3] = float("nan")
+    x[0, 4] = float("inf")
+    obs = make()
+    obs.update(x, mask)
+    assert obs.count == 8
+    if isinstance(obs, ChannelMaxObserver):
+        assert torch.equal(obs.amax, x[mask].abs().amax(dim=0))
+    else:
+        assert float(obs.absmax()) == float(x[mask].abs().max())
+        if isinstance(obs, PercentileObserver):
+            assert obs.hist.sum() == x[mask].numel()
+
+
+def test_kv_shaped_states_with_nan_padding_are_ignored_and_real_nan_is_an_error():
+    """Keys arrive as [batch, seq, kv_heads, head_dim]: the mask covers [batch, seq]."""
+    k = torch.randn(2, 6, 2, 4)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    k[1, 4:] = float("nan")
+    obs = Observer()
+    obs.update(k, mask)
+    assert float(obs.absmax()) == float(k[mask].abs().max())
+    k[0, 2, 1, 3] = float("nan")
+    with pytest.raises(NonFiniteInput):
+        obs.update(k, mask)
+
+
+def test_mse_search_in_chunks_picks_the_same_clip_as_one_pass():
+    """65536 bins x 100 candidates is evaluated in chunks (bounded memory), same argmin."""
+    torch.manual_seed(1)
+    x = torch.randn(50_000).abs()
+    x[:5] = 30.0
+    obs = MSEObserver(bins=65536, grid=100)
+    obs.update(x.reshape(1, -1, 1))
+    candidates = torch.linspace(0.3, 1.0, 100, dtype=torch.float64) * float(obs.absmax())
+    errors = expected_sq_error(obs.centers(), obs.hist, candidates, 127.0, False)
+    assert float(obs.amax(127.0, False)) == float(candidates[int(torch.argmin(errors))].float())
 
 
 def test_histogram_growth_rebins_exactly():

@@ -337,3 +337,151 @@ def test_int8_static_recipe_uses_smoothquant():
     recipe = load_recipe("int8-w8a8-static")
     assert recipe.smoothquant is not None and recipe.smoothquant.alpha == 0.8
     assert recipe.needs_calibration
+
+
+# --- schemes that vLLM 0.33 / SGLang 0.5.23 cannot run ------------------------
+
+def test_int8_dynamic_per_tensor_activations_are_refused(tmp_path):
+    path = write_recipe(tmp_path, """
+        weights: {type: int, strategy: channel}
+        input_activations: {type: int, strategy: tensor, dynamic: true}
+    """)
+    message = recipe_error(path)
+    assert str(path) in message
+    assert "input_activations.strategy: INT8 dynamic activations are per token in vLLM and SGLang" in message
+    assert "use strategy: token" in message
+
+
+def test_fp8_dynamic_per_tensor_activations_stay_allowed(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, """
+        weights: {type: float, strategy: channel}
+        input_activations: {type: float, strategy: tensor, dynamic: true}
+    """))
+    assert (recipe.input_activations.strategy, recipe.input_activations.dynamic) == ("tensor", True)
+
+
+@pytest.mark.parametrize("activations", [
+    "{type: int, strategy: tensor}",
+    "{type: int, strategy: token, dynamic: true}",
+])
+def test_int8_per_tensor_weights_with_activations_are_refused(tmp_path, activations):
+    path = write_recipe(tmp_path, f"""
+        weights: {{type: int, strategy: tensor}}
+        input_activations: {activations}
+    """)
+    message = recipe_error(path)
+    assert str(path) in message
+    assert "weights.strategy: INT8 per-tensor weights with quantized activations" in message
+    assert "use strategy: channel" in message
+
+
+def test_fp8_per_tensor_weights_with_activations_stay_allowed():
+    assert load_recipe("fp8-static").weights.strategy == "tensor"
+
+
+# --- observer_kwargs out of range or of the wrong type -------------------------
+
+PCT = "input_activations: {{type: int, strategy: tensor, observer: percentile, observer_kwargs: {{{}}}}}\n"
+MSE = "input_activations: {{type: int, strategy: tensor, observer: mse, observer_kwargs: {{{}}}}}\n"
+
+
+@pytest.mark.parametrize("template, kwargs, expected", [
+    (PCT, "bins: 1000", "observer_kwargs.bins: 1000 must be a power of two from 16 to 65536"),
+    (PCT, "bins: 8", "observer_kwargs.bins: 8 must be a power of two from 16 to 65536"),
+    (PCT, "bins: 131072", "observer_kwargs.bins: 131072 must be a power of two from 16 to 65536"),
+    (PCT, "bins: '2048'", "observer_kwargs.bins: '2048' must be a power of two from 16 to 65536"),
+    (PCT, "bins: 2048.0", "observer_kwargs.bins: 2048.0 must be a power of two from 16 to 65536"),
+    (MSE, "bins: true", "observer_kwargs.bins: True must be a power of two from 16 to 65536"),
+    (MSE, "norm: 3", "observer_kwargs.norm: 3 is not supported: the mse observer minimises the squared error "
+                     "(norm 2)"),
+    (MSE, "norm: L2", "observer_kwargs.norm: 'L2' is not supported"),
+    (MSE, "grid: 0", "observer_kwargs.grid: 0 must be a whole number from 2 to 1000"),
+    (MSE, "grid: 100000", "observer_kwargs.grid: 100000 must be a whole number from 2 to 1000"),
+    (MSE, "grid: 2.5", "observer_kwargs.grid: 2.5 must be a whole number from 2 to 1000"),
+    (PCT, "percentile: high", "observer_kwargs.percentile: 'high' must be a number in (50, 100]"),
+    (PCT, "percentile: .nan", "observer_kwargs.percentile: nan must be a number in (50, 100]"),
+    (PCT, "percentile: true", "observer_kwargs.percentile: True must be a number in (50, 100]"),
+])
+def test_observer_kwargs_out_of_range_name_the_field(tmp_path, template, kwargs, expected):
+    path = write_recipe(tmp_path, "weights: {type: int, strategy: channel}\n" + template.format(kwargs))
+    message = recipe_error(path)
+    assert str(path) in message
+    assert f"input_activations.{expected}" in message
+
+
+def test_observer_kwargs_in_range_are_accepted_and_build_observers(tmp_path):
+    from calib.observers import make_observer
+
+    for template, kwargs in ((PCT, "percentile: 99.9, bins: 65536"), (MSE, "bins: 16, grid: 1000, norm: 2"),
+                             (MSE, "grid: 2, norm: 2.0")):
+        recipe = load_recipe(write_recipe(tmp_path, "weights: {type: int, strategy: channel}\n"
+                                          + template.format(kwargs)))
+        acts = recipe.input_activations
+        observer = make_observer(acts.observer, acts.observer_kwargs)
+        assert observer.bins == acts.observer_kwargs.get("bins", 2048)
+
+
+# --- recipe text: encoding, size, alias bombs -----------------------------------
+
+def test_non_utf8_recipe_file_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\u00e9\nweights: {type: int, strategy: channel}\n".encode("latin-1"))
+    message = recipe_error(path)
+    assert message.startswith(f"{path}: not UTF-8 text (byte 0xe9 at offset 9)")
+    assert "save the recipe as UTF-8" in message
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbfname: bom\nweights: {type: int, strategy: channel}\n")
+    assert load_recipe(path).name == "bom"
+
+
+def alias_bomb(levels: int = 9, width: int = 9) -> str:
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]")
+    return "\n".join(lines) + f"\nweights: *l{levels - 1}\ninput_activations: {{type: *l{levels - 1}}}\n"
+
+
+def test_yaml_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path):
+    import time
+
+    path = write_recipe(tmp_path, alias_bomb())
+    start = time.perf_counter()
+    message = recipe_error(path)
+    assert time.perf_counter() - start < 2.0
+    assert len(message) < 2000
+    assert message.startswith(f"{path}: the YAML expands to more than 10000 values")
+
+
+def test_recursive_yaml_alias_is_refused(tmp_path):
+    path = write_recipe(tmp_path, "weights: &w [*w]\n")
+    assert recipe_error(path).startswith(f"{path}: the YAML expands to more than 10000 values")
+
+
+def test_small_nested_aliases_still_get_short_error_values(tmp_path):
+    """Under the expansion limit a large value is still shown capped."""
+    path = write_recipe(tmp_path, alias_bomb(levels=3, width=9))  # 3 x 9^3 scalars: under the limit
+    message = recipe_error(path)
+    assert len(message) < 2000
+    assert "weights: Input should be a valid dictionary" in message
+    assert "\u2026" in message or "..." in message
+
+
+def test_huge_scalar_value_is_shown_capped(tmp_path):
+    path = write_recipe(tmp_path, f"weights: {{type: int, strategy: {'x' * 100_000}}}\n")
+    message = recipe_error(path)
+    assert "weights.strategy: 'xxx" in message and "is not one of 'tensor', 'channel', 'group', 'token'" in message
+    assert len(message) < 2000
+
+
+def test_deeply_nested_yaml_is_a_recipe_error(tmp_path):
+    path = write_recipe(tmp_path, "weights: " + "[" * 5000 + "]" * 5000 + "\n")
+    message = recipe_error(path)
+    assert str(path) in message and len(message) < 2000
+
+
+def test_recipe_file_larger_than_a_recipe_is_refused(tmp_path):
+    path = write_recipe(tmp_path, "weights: {type: int, strategy: channel}\n" + "# padding\n" * 200_000)
+    assert recipe_error(path).startswith(f"{path}: a recipe is a small YAML file; this one is 2000040 bytes")
