@@ -14,6 +14,7 @@ truncated to ``seq_len``. Selection and order are seeded.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import random
@@ -110,6 +111,26 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return LOCAL_SUFFIXES[path.suffix], [str(path)]
 
 
+def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    """Text and JSON calibration files must be UTF-8: say where they are not
+    (``datasets`` otherwise fails deep inside pyarrow, or with a vague message)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(chunk)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                raise DatasetError(
+                    f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} near offset {offset + exc.start}); "
+                    "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) and try again"
+                ) from None
+            if not block:
+                return
+            offset += len(block)
+
+
 def load_rows(source: str | Path | None, split: str = "train"):
     """A ``datasets.Dataset`` from a local path, a hub name, or the packaged texts."""
     import datasets
@@ -120,6 +141,9 @@ def load_rows(source: str | Path | None, split: str = "train"):
         kwargs = {"sample_by": "document"} if kind == "text" else {}
         if all(Path(f).stat().st_size == 0 for f in files):
             raise DatasetError(f"{path}: no non-empty text to calibrate on")
+        if kind in ("text", "json"):
+            for file in files:
+                check_utf8(Path(file))
         try:
             return datasets.load_dataset(kind, data_files=files, split="train", **kwargs)
         except Exception as exc:  # malformed JSON, unreadable parquet, ...

@@ -88,6 +88,8 @@ def test_embedded_default_end_to_end(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"  # GGUF's config replaced
     assert config["tie_word_embeddings"] is True
+    assert config["architectures"] == ["LlamaForCausalLM"]  # named, though GGUF's config has none
+    assert "site-packages" not in (out / "config.json").read_text()
     tensors = read_tensors(out)[0]
     assert tensors["model.layers.29.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
     assert "lm_head.weight" not in tensors
@@ -98,6 +100,9 @@ def test_embedded_default_end_to_end(tmp_path):
         logits = model(ids).logits
     assert torch.isfinite(logits).all()
     assert tokenizer.decode(logits[0, -1].argmax()).strip() == "Paris"
+    with torch.no_grad():  # our own reader takes the Quick start's checkpoint too
+        ours = calib.load(out)(ids).logits
+    assert tokenizer.decode(ours[0, -1].argmax()).strip() == "Paris"
 
 
 @pytest.mark.parametrize("entry", [["-m", "calib", "--help"]])

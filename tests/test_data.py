@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from calib.data import CalibrationSet, build_calibration_set, default_dataset_path
+from calib.data import CalibrationSet, build_calibration_set, default_dataset_path, load_rows
 from calib.errors import DatasetError
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -374,3 +374,12 @@ def test_no_source_packs_the_default_texts(tokenizer):
     calib = build_calibration_set(tokenizer, None, num_samples=16, seq_len=128)
     assert calib.source == "calib default texts"
     assert [s.numel() for s in calib.samples] == [128] * 16
+
+
+@pytest.mark.parametrize("name, content", [("latin1.jsonl", b'{"text": "caf\xe9 au lait"}\n'),
+                                           ("latin1.txt", b"caf\xe9 au lait\n")])
+def test_file_that_is_not_utf8_is_a_clear_error(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DatasetError, match=r"not UTF-8 text \(byte 0xe9 near offset \d+\); save it as UTF-8"):
+        load_rows(str(path))
