@@ -105,8 +105,8 @@ def check_output(output: PathLike, overwrite: bool, protected: Iterable[PathLike
     if output.exists() and not output.is_dir():
         raise CalibInputError(f"output {output} exists and is not a directory; choose another --output")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise CalibInputError(f"output directory {output} is not empty; pass --overwrite to replace it "
-                              "or choose another --output")
+        raise CalibInputError(f"output directory {output} is not empty; pass --overwrite (overwrite=True in "
+                              "Python) to replace it or choose another --output")
 
 
 def check_free_space(folder: PathLike, needed_bytes: int, margin_bytes: int = FREE_SPACE_MARGIN) -> int:
@@ -367,7 +367,7 @@ def _publish_exclusive(tmp: Path, output: Path) -> None:
         _rename_noreplace(tmp, output)
     except FileExistsError:
         raise CalibInputError(f"another process wrote {output} while this run was working; nothing was replaced; "
-                              "choose another --output or pass --overwrite") from None
+                              "choose another --output or pass --overwrite (overwrite=True in Python)") from None
 
 
 def _publish_overwrite(tmp: Path, output: Path) -> None:

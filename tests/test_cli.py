@@ -277,3 +277,11 @@ def test_group_size_that_does_not_divide_a_layer_fails_before_the_weights_load(t
         calib.run(model=str(TINYSTORIES), recipe=g128, output=tmp_path / "o", progress=False)
     assert not any(r.name == "calib.models" and "loading" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
+
+
+def test_an_existing_output_tells_api_users_about_overwrite_true(tmp_path):
+    calib.run(model=str(TINYSTORIES), recipe="int8-w8a8-dynamic", output=tmp_path / "o", progress=False)
+    with pytest.raises(calib.CalibInputError, match=r"overwrite=True in Python"):
+        calib.run(model=str(TINYSTORIES), recipe="int8-w8a8-dynamic", output=tmp_path / "o", progress=False)
+    calib.run(model=str(TINYSTORIES), recipe="int8-w8a8-dynamic", output=tmp_path / "o", overwrite=True,
+              progress=False)
