@@ -50,7 +50,9 @@ def _forward_kwargs(model: nn.Module, plan: Plan, kv: bool, session) -> dict:
     if "use_cache" in params:
         kwargs["use_cache"] = kv
     if kv:
-        kwargs["past_key_values"] = observing_cache(session, getattr(model, "config", None))
+        # transformers 5.24 renamed the argument (`past_key_values` -> `cache`); pass whichever it takes.
+        key = "cache" if "cache" in params else "past_key_values"
+        kwargs[key] = observing_cache(session, getattr(model, "config", None))
     head = getattr(model, "get_output_embeddings", lambda: None)()
     head_observed = head is not None and any(m is head for m in plan.targets.values())
     if "logits_to_keep" in params and not head_observed:

@@ -40,3 +40,11 @@ def tinystories_split(shared, tmp_path_factory) -> tuple[Path, str]:
     path = tmp_path_factory.mktemp("data") / "tinystories_calib.txt"
     path.write_text(calib_text, encoding="utf-8")
     return path, heldout
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{cache|past_key_values: cache}``: transformers 5.24 renamed the forward argument."""
+    import inspect
+
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {key: cache}

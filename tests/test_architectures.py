@@ -14,7 +14,7 @@ import calib
 from calib.data import CalibrationSet
 from calib.evaluate import mean_pooled_embeddings
 from calib.load import read_tensors
-from conftest import SHARED, TINYSTORIES, split_text
+from conftest import SHARED, TINYSTORIES, cache_kwargs, split_text
 
 
 def tiny_decoder(kind: str, path: Path) -> Path:
@@ -47,7 +47,7 @@ def test_kv_scales_match_the_cache_for_other_llama_family_models(kind, tmp_path)
     with torch.no_grad():
         for batch in data.batches(3, 0):
             cache = transformers.DynamicCache()
-            model(**batch, past_key_values=cache, use_cache=True)
+            model(**batch, **cache_kwargs(model, cache), use_cache=True)
             for i in range(2):
                 kmax[i] = max(kmax[i], float(cache.layers[i].keys.abs().max()))
     for i in range(2):

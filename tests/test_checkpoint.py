@@ -18,7 +18,7 @@ from calib.errors import CalibInputError
 from calib.evaluate import perplexity
 from calib.load import read_tensors
 from calib.recipe import CalibrationDefaults
-from conftest import TINYSTORIES
+from conftest import TINYSTORIES, cache_kwargs
 
 SAMPLES, SEQ = 64, 128
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -217,7 +217,7 @@ def test_kv_scales_come_from_the_keys_the_cache_stores(checkpoints, tinystories_
     with torch.no_grad():
         for batch in data.batches(16, 0):
             cache = transformers.DynamicCache()
-            model(**batch, past_key_values=cache, use_cache=True)
+            model(**batch, **cache_kwargs(model, cache), use_cache=True)
             for i in range(4):
                 kmax[i] = max(kmax[i], float(cache.layers[i].keys.abs().max()))
                 vmax[i] = max(vmax[i], float(cache.layers[i].values.abs().max()))
