@@ -32,7 +32,7 @@ _EXPORTS = {
     "ModelNotFoundError": "calib.errors",
     "RecipeError": "calib.errors",
     "load": "calib.load",
-    "calibrate": "calib.pipeline",
+    "calibrate": "calib.calibration",
     "export": "calib.pipeline",
     "quantize": "calib.pipeline",
     "run": "calib.pipeline",

@@ -4,12 +4,11 @@ three from names and paths (what the CLI calls)."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -17,121 +16,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calib import __version__
-from calib.algorithms.smoothquant import apply_smoothing, smoothing_pairs, smoothing_scales
 from calib.data import CalibrationSet, build_calibration_set, load_rows
 from calib.errors import CalibInputError
 from calib.export import atomic_directory, check_free_space, check_output, model_config_dict, parse_size, \
     write_side_files, write_tensors
-from calib.hooks import InputGroup, observe, observing_cache
-from calib.observers import ChannelMaxObserver, Observer, make_observer
-from calib.quantize import Plan, QuantizeResult, plan_for, quantized_tensors
+from calib.calibration import Calibration, calibrate
 from calib.devices import resolve_device
+from calib.quantize import Plan, QuantizeResult, plan_for, quantized_tensors
 from calib.recipe import CalibrationDefaults, Recipe, load_recipe
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Calibration:
-    """What calibration learnt: observers per targeted module and per KV layer."""
-
-    plan: Plan
-    input_observers: dict[str, Observer] = field(default_factory=dict)
-    kv_observers: dict[int, tuple[Observer, Observer]] = field(default_factory=dict)
-    batches: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    smoothed: int = 0  # SmoothQuant pairs rescaled (the model's weights changed in place)
-
-
-def _forward_kwargs(model: nn.Module, plan: Plan, kv: bool, session) -> dict:
-    params = inspect.signature(model.forward).parameters
-    kwargs = {}
-    if "use_cache" in params:
-        kwargs["use_cache"] = kv
-    if kv:
-        # transformers 5.24 renamed the argument (`past_key_values` -> `cache`); pass whichever it takes.
-        key = "cache" if "cache" in params else "past_key_values"
-        kwargs[key] = observing_cache(session, getattr(model, "config", None))
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    head_observed = head is not None and any(m is head for m in plan.targets.values())
-    if "logits_to_keep" in params and not head_observed:
-        kwargs["logits_to_keep"] = 1  # calibration needs no logits: skip most of the LM head's work
-    return kwargs
-
-
-def calibrate(model: nn.Module, recipe: Recipe, data: CalibrationSet | None, batch_size: int = 8,
-              pad_token_id: int = 0, progress: bool = True) -> Calibration:
-    """Run the calibration set through the model with observers attached.
-
-    Recipes with only dynamic activations (or none) need no data: the forward
-    pass is skipped and ``data`` may be None. With ``smoothquant`` in the recipe
-    a first pass collects per-channel ranges and the model's weights are
-    rescaled in place (same function, flatter activations) before observing.
-    """
-    plan = plan_for(model, recipe)
-    calibration = Calibration(plan=plan)
-    if not recipe.needs_calibration:
-        return calibration
-    if data is None or not data.samples:
-        raise CalibInputError(f"recipe {recipe.name!r} has static scales and needs calibration data")
-    groups: list[InputGroup] = []
-    acts = recipe.input_activations
-    if acts is not None and not acts.dynamic:
-        done: set[str] = set()
-        for name in plan.targets:
-            if name in done:
-                continue
-            members = plan.group_of(name)
-            done.update(members)
-            group = InputGroup(names=members, observer=make_observer(acts.observer, acts.observer_kwargs))
-            groups.append(group)
-            calibration.input_observers.update({m: group.observer for m in members})
-    if recipe.kv_cache is not None:
-        calibration.kv_observers = {i: (Observer(), Observer()) for i in plan.attention}
-
-    start = time.perf_counter()
-    if recipe.smoothquant is not None:
-        calibration.smoothed = _smooth(model, recipe, plan, data, batch_size, pad_token_id, progress)
-    if groups or calibration.kv_observers:
-        calibration.batches, calibration.tokens = _run_batches(
-            model, plan, data, batch_size, pad_token_id, groups, calibration.kv_observers,
-            kv=recipe.kv_cache is not None, progress=progress, desc="calibrate")
-    calibration.seconds = time.perf_counter() - start
-    return calibration
-
-
-def _run_batches(model, plan, data, batch_size, pad_token_id, groups, kv_observers, kv, progress, desc):
-    """Forward every batch with the observers attached; returns (batches, real tokens)."""
-    device = next(model.parameters()).device
-    batches = tokens = 0
-    with torch.inference_mode(), observe(model, groups, kv_observers) as session:
-        bar = tqdm(data.batches(batch_size, pad_token_id), total=data.num_batches(batch_size), desc=desc,
-                   unit="batch", disable=not progress)
-        for batch in bar:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            session.set_mask(batch["attention_mask"])
-            model(**batch, **_forward_kwargs(model, plan, kv, session))
-            batches += 1
-            tokens += int(batch["attention_mask"].sum())
-    return batches, tokens
-
-
-def _smooth(model, recipe, plan, data, batch_size, pad_token_id, progress) -> int:
-    """SmoothQuant: a pass for per-channel input ranges, then rescale the model in place."""
-    pairs = smoothing_pairs(model, plan.targets)
-    if not pairs:
-        raise CalibInputError(f"recipe {recipe.name!r} asks for SmoothQuant, but {type(model).__name__} has no "
-                              "norm -> projection pairs calib knows (Llama-family decoders)")
-    groups = [InputGroup(names=[pair.consumers[0]], observer=ChannelMaxObserver()) for pair in pairs]
-    _run_batches(model, plan, data, batch_size, pad_token_id, groups, {}, kv=False, progress=progress,
-                 desc="smoothquant")
-    for pair, group in zip(pairs, groups):
-        if group.observer.observed:
-            weights = [model.get_submodule(n).weight for n in pair.consumers]
-            apply_smoothing(model, pair, smoothing_scales(group.observer.amax, weights, recipe.smoothquant.alpha))
-    log.info("SmoothQuant (alpha %.2f): rescaled %d norm/projection pairs", recipe.smoothquant.alpha, len(pairs))
-    return len(pairs)
 
 
 def quantize(model: nn.Module, recipe: Recipe, calibration: Calibration | None = None,

@@ -70,7 +70,7 @@ def bench_one(name: str, samples: int, seq_len: int, batch_size: int) -> list[di
 
     import calib
     from calib.hooks import ObservationSession
-    from calib.pipeline import _forward_kwargs
+    from calib.calibration import _forward_kwargs
     from calib.quantize import plan_for
 
     torch.set_grad_enabled(False)
