@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="run the model's own Python code (auto_map); only for code you trust")
     run.add_argument("--allow-pickle", action="store_true",
                      help="also read pickle weights (pytorch_model.bin); only for files you trust")
+    run.add_argument("--max-memory", default=None,
+                     help="memory budget, e.g. 16GB (default: 80%% of the memory available at start)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print parameters, the layers quantized, calibration tokens, estimated checkpoint size and "
+                     "memory peak, and warnings; read no weight and write nothing")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (calib's, datasets', "
                      "transformers')")
 
@@ -110,6 +115,35 @@ def _print_summary(report: dict) -> None:
     if report.get("unobserved_modules"):
         lines.append(f"  note        {len(report['unobserved_modules'])} modules saw no tokens (sibling range used)")
     lines.append(f"  report      {report['output']}/calib_report.json")
+    print("\n".join(lines))
+
+
+def _print_dry_run(plan: dict) -> None:
+    from calib.estimate import human
+
+    def per_dtype(counts: dict, unit) -> str:
+        return ", ".join(f"{dtype} {unit(n)}" for dtype, n in counts.items())
+
+    memory = plan["memory"]
+    cal = plan["calibration"]
+    lines = [
+        f"calib dry run (no weight read, nothing written): {plan['model']} ({plan['model_class']})",
+        f"  recipe      {plan['recipe']} (format {plan['format']}), on {plan['device']}, loaded as {plan['load_dtype']}",
+        f"  parameters  {sum(plan['parameters'].values()):,} ({per_dtype(plan['parameters'], lambda n: f'{n:,}')})",
+        f"  in memory   {per_dtype(plan['bytes_in_memory'], human)}",
+    ]
+    if plan["bytes_on_disk"]:
+        lines.append(f"  on disk     {per_dtype(plan['bytes_on_disk'], human)}")
+    lines += [
+        f"  layers      {plan['layers_quantized']} quantized, {plan['layers_ignored']} left in high precision",
+        "  data        " + ("none needed" if not cal else f"{cal['dataset']}: {cal['samples']} samples x "
+                           f"{cal['seq_len']} tokens = {cal['tokens']:,} tokens, batch {cal['batch_size']}"),
+        f"  checkpoint  about {human(plan['checkpoint_bytes_estimate'])}",
+        f"  memory      estimated peak {human(memory['in_memory_peak_estimate_bytes'])} in memory; budget "
+        f"{human(memory['budget_bytes'])} ({memory['budget_from']})",
+        f"  mode        {plan['mode']}: {plan['mode_reason']}",
+    ]
+    lines += [f"  warning     {w}" for w in plan["warnings"]]
     print("\n".join(lines))
 
 
@@ -169,6 +203,15 @@ def main(argv: list[str] | None = None) -> int:
 
         recipe = load_recipe(args.recipe)  # a bad recipe answers before torch is even imported
         _quiet_libraries(progress=not args.no_progress, debug=debug)
+        if args.dry_run:
+            from calib.pipeline import dry_run
+
+            _print_dry_run(dry_run(
+                model=args.model, recipe=recipe, dataset=args.dataset, text_column=args.text_column,
+                split=args.split, num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                packing=args.packing, seed=args.seed, dtype=args.dtype, device=args.device,
+                max_memory=args.max_memory, trust_remote_code=args.trust_remote_code))
+            return EXIT_OK
         from calib.pipeline import run
 
         report = run(

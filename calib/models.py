@@ -524,3 +524,44 @@ def load_model(model: str | None = None, dtype: str = "auto", trust_remote_code:
     fingerprint = fingerprint_files(files, Path(src.location)) if files else None
     return LoadedModel(model=loaded, tokenizer=tokenizer, source=model or DEFAULT_MODEL, is_causal_lm=causal,
                        public_name=src.public_name, fingerprint=fingerprint, revision=revision)
+
+
+@dataclass
+class ModelOutline:
+    """A model without its weights: config, a ``meta``-device skeleton and the tokenizer.
+
+    Enough to plan a recipe, count parameters and estimate memory before (or
+    instead of) loading anything heavy.
+    """
+
+    config: object
+    skeleton: torch.nn.Module
+    tokenizer: object | None
+    is_causal_lm: bool
+    public_name: str
+    folder: Path | None  # a local folder holding the weights (None for hub ids and GGUF)
+    load_dtype: torch.dtype
+
+
+def model_outline(model: str | None = None, dtype: str = "auto", trust_remote_code: bool = False,
+                  tokenizer: bool = True) -> ModelOutline:
+    """The model's config and skeleton on the ``meta`` device: no weight is read."""
+    import transformers
+
+    torch_dtype = _torch_dtype(dtype)
+    src = _source(model)
+    config = _load_config(src, trust_remote_code)
+    causal = _is_causal_lm(config)
+    auto_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    if torch_dtype == "auto":  # what from_pretrained would pick: the checkpoint's dtype (GGUF dequantizes to fp32)
+        stored = getattr(config, "dtype", None)
+        torch_dtype = stored if isinstance(stored, torch.dtype) else DTYPES.get(str(stored), torch.float32)
+        if src.gguf_file:
+            torch_dtype = torch.float32
+    with torch.device("meta"):
+        skeleton = auto_class.from_config(config, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+    _name_architecture(skeleton)
+    folder = Path(src.location) if src.kind == "folder" else None
+    return ModelOutline(config=config, skeleton=skeleton,
+                        tokenizer=_load_tokenizer(src, trust_remote_code) if tokenizer else None,
+                        is_causal_lm=causal, public_name=src.public_name, folder=folder, load_dtype=torch_dtype)

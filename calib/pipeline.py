@@ -183,6 +183,115 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+@dataclass
+class Settings:
+    """The run's settings once checked (before anything heavy)."""
+
+    recipe: Recipe
+    num_samples: int
+    seq_len: int
+    batch_size: int
+    samples_asked: bool  # --num-samples given (a shortfall is then worth a warning)
+    device: torch.device
+
+
+def _settings(recipe: str | Recipe, num_samples: int | None, seq_len: int | None, batch_size: int | None,
+              packing: str, device: str) -> Settings:
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)  # fails before any model loads
+    for flag, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise CalibInputError(f"{flag} (--{flag.replace('_', '-')}) must be a positive whole number, "
+                                  f"got {value!r}")
+    if packing not in ("auto", "pack", "rows"):
+        raise CalibInputError(f"--packing {packing!r} is not one of auto, pack, rows")
+    return Settings(recipe=recipe, num_samples=num_samples or recipe.calibration.num_samples,
+                    seq_len=seq_len or recipe.calibration.seq_len,
+                    batch_size=batch_size or recipe.calibration.batch_size,
+                    samples_asked=num_samples is not None, device=resolve_device(device))
+
+
+def dry_run(
+    model: str | None = None,
+    recipe: str | Recipe = "fp8-static",
+    dataset: str | None = None,
+    *,
+    text_column: str = "text",
+    split: str = "train",
+    num_samples: int | None = None,
+    seq_len: int | None = None,
+    batch_size: int | None = None,
+    packing: str = "auto",
+    seed: int = 0,
+    dtype: str = "auto",
+    device: str = "auto",
+    max_memory: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
+    """What ``run`` would do, from the config, the weight headers and the tokenized
+    data, without reading a weight or writing a file: parameters and bytes per
+    dtype, the layers the recipe quantizes, the calibration tokens, the estimated
+    checkpoint size and memory peak against the budget, and warnings."""
+    from calib.estimate import (default_budget_bytes, forward_workspace_bytes, in_memory_peak_bytes, module_stats,
+                                parse_memory, safetensors_stats)
+    from calib.models import model_outline
+
+    settings = _settings(recipe, num_samples, seq_len, batch_size, packing, device)
+    recipe = settings.recipe
+    budget = parse_memory(max_memory) if max_memory else default_budget_bytes(settings.device)
+    rows = load_rows(dataset, split) if recipe.needs_calibration else None
+    outline = model_outline(model, dtype=dtype, trust_remote_code=trust_remote_code,
+                            tokenizer=recipe.needs_calibration)
+    warnings: list[str] = []
+    plan = plan_for(outline.skeleton, recipe)
+    warnings += [f"recipe {entry} matches no module of this model" for entry in plan.unmatched]
+    seq_len, data = settings.seq_len, None
+    if recipe.needs_calibration:
+        context = getattr(outline.config, "max_position_embeddings", None)
+        if isinstance(context, int) and 0 < context < seq_len:
+            warnings.append(f"seq_len {seq_len} exceeds the model's context ({context} positions): the run "
+                            f"calibrates on {context}-token samples")
+            seq_len = context
+        packed = outline.is_causal_lm if packing == "auto" else packing == "pack"
+        data = build_calibration_set(outline.tokenizer, dataset, num_samples=settings.num_samples, seq_len=seq_len,
+                                     text_column=text_column, split=split, packed=packed, seed=seed, rows=rows,
+                                     warn_short=settings.samples_asked)
+        if len(data.samples) < settings.num_samples and settings.samples_asked:
+            warnings.append(f"the dataset gives {len(data.samples)} samples of {seq_len} tokens; "
+                            f"{settings.num_samples} were asked for")
+    in_memory = module_stats(outline.skeleton, outline.load_dtype)
+    on_disk = safetensors_stats(outline.folder) if outline.folder is not None else None
+    element = outline.load_dtype.itemsize
+    workspace = forward_workspace_bytes(outline.config, settings.batch_size, seq_len, element) if data else 0
+    peak = in_memory_peak_bytes(in_memory.total_bytes, workspace)
+    quantized = {f"{name}.weight" for name in plan.targets}
+    checkpoint = sum(p.numel() * (recipe.weights.num_bits if n in quantized else element * 8) // 8
+                     for n, p in outline.skeleton.named_parameters())
+    return {
+        "model": outline.public_name,
+        "model_class": type(outline.skeleton).__name__,
+        "recipe": recipe.name,
+        "format": recipe.format,
+        "device": str(settings.device),
+        "load_dtype": str(outline.load_dtype).removeprefix("torch."),
+        "parameters": in_memory.params,
+        "bytes_in_memory": in_memory.bytes,
+        "bytes_on_disk": on_disk.bytes if on_disk else None,
+        "layers_quantized": len(plan.targets),
+        "layers_ignored": len(plan.ignored),
+        "calibration": ({"dataset": data.source, "samples": len(data.samples), "seq_len": data.seq_len,
+                         "tokens": data.num_tokens, "batch_size": settings.batch_size} if data else None),
+        "checkpoint_bytes_estimate": checkpoint,
+        "memory": {"budget_bytes": budget, "budget_from": "--max-memory" if max_memory else "80% of available",
+                   "in_memory_peak_estimate_bytes": peak, "forward_workspace_bytes": workspace},
+        "mode": "in-memory",
+        "mode_reason": ("the estimated peak fits the budget" if peak <= budget else
+                        "the estimated peak exceeds the budget, and sequential mode is not available yet: the run "
+                        "would load the whole model"),
+        "warnings": warnings + ([] if peak <= budget else [
+            f"estimated in-memory peak {peak / 2**30:.1f} GiB exceeds the budget {budget / 2**30:.1f} GiB"]),
+    }
+
+
 def plan_before_loading(model: str | None, recipe: Recipe, trust_remote_code: bool = False) -> None:
     """Plan the recipe on the model's skeleton (``meta`` device: no weights read,
     no memory), so a recipe that cannot apply (a group size that does not divide
@@ -236,23 +345,14 @@ def run(
     from calib.models import load_model
 
     total_start = time.perf_counter()
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)  # fails before any model loads
-    for flag, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise CalibInputError(f"{flag} (--{flag.replace('_', '-')}) must be a positive whole number, "
-                                  f"got {value!r}")
-    target = resolve_device(device)
+    settings = _settings(recipe, num_samples, seq_len, batch_size, packing, device)
+    recipe, target, samples_asked = settings.recipe, settings.device, settings.samples_asked
+    num_samples, seq_len, batch_size = settings.num_samples, settings.seq_len, settings.batch_size
     output = Path(output)
     protected = tuple(p for p in (model, dataset) if p)  # the output may never be, hold or sit in these
     check_output(output, overwrite, protected=protected)
     parse_size(max_shard_size)
-    if packing not in ("auto", "pack", "rows"):
-        raise CalibInputError(f"--packing {packing!r} is not one of auto, pack, rows")
     notes: list[str] = []
-    samples_asked = num_samples is not None
-    num_samples = num_samples or recipe.calibration.num_samples
-    seq_len = seq_len or recipe.calibration.seq_len
-    batch_size = batch_size or recipe.calibration.batch_size
 
     # The temporary output is created first: an unwritable output fails before any heavy work, and
     # whatever happens below (an error, Ctrl-C, SIGTERM) removes it.

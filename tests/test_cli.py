@@ -285,3 +285,20 @@ def test_an_existing_output_tells_api_users_about_overwrite_true(tmp_path):
         calib.run(model=str(TINYSTORIES), recipe="int8-w8a8-dynamic", output=tmp_path / "o", progress=False)
     calib.run(model=str(TINYSTORIES), recipe="int8-w8a8-dynamic", output=tmp_path / "o", overwrite=True,
               progress=False)
+
+
+def test_dry_run_estimates_and_writes_nothing(tmp_path, tinystories_split, capsys):
+    assert main(["run", "--dry-run", "--model", str(TINYSTORIES), "--dataset", str(tinystories_split[0]),
+                 "--num-samples", "16", "--seq-len", "1024", "--max-memory", "10MB", "--output",
+                 str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "parameters  262,720 (float32 262,720)" in out  # the tiny Llama's parameter count
+    assert "28 quantized" in out and "16 samples x 256 tokens = 4,096 tokens" in out
+    assert "exceeds the model's context (256 positions)" in out and "exceeds the budget" in out
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary folder
+    from calib.pipeline import dry_run
+
+    plan = dry_run(str(TINYSTORIES), "int8-w8a8-dynamic")
+    report = calib.run(model=str(TINYSTORIES), recipe="int8-w8a8-dynamic", output=tmp_path / "real", progress=False)
+    assert plan["calibration"] is None and plan["layers_quantized"] == report["layers_quantized"]
+    assert plan["checkpoint_bytes_estimate"] == pytest.approx(report["size_after_bytes"], rel=0.05)
