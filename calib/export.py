@@ -543,6 +543,8 @@ def write_tensors(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], met
     for name, tensor in tensors:
         if name in weight_map or name in shard:
             raise RuntimeError(f"tensor {name} written twice")
+        if hasattr(tensor, "load"):  # a calib.checkpoint.RawTensor: its bytes, unchanged
+            tensor = tensor.load()
         tensor = tensor.detach().to("cpu").contiguous()
         size = tensor.numel() * tensor.element_size()
         if shard and shard_bytes + size > max_shard_size:
@@ -569,6 +571,170 @@ def write_tensors(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], met
                  "weight_map": {k: final[v] for k, v in sorted(weight_map.items())}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return result
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a shard's header needs of a tensor before its data exists: dtype and shape."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+def shard_plan(layout: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_size: int) -> list[list[int]]:
+    """Indices of ``layout`` per shard, by the rule :func:`write_tensors` follows
+    for the same stream: tensors in order, a new shard when the next tensor would
+    take the current one past ``max_shard_size`` (a larger tensor alone)."""
+    shards: list[list[int]] = []
+    size = 0
+    for i, (_, dtype, shape) in enumerate(layout):
+        nbytes = TensorSpec(dtype, tuple(shape)).numel() * TensorSpec(dtype, ()).element_size()
+        if shards and shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        if not shards:
+            shards.append([])
+        shards[-1].append(i)
+        size += nbytes
+    return shards
+
+
+class PlannedWriter:
+    """A checkpoint written tensor by tensor into shards laid out in advance.
+
+    :func:`write_tensors` must hold a whole shard in memory until it knows every
+    tensor of its header. When the stream's names, dtypes and shapes are known
+    before any tensor is computed (``layout``, in stream order), the shards,
+    headers and offsets are fixed up front: each file gets its header at once,
+    and every tensor is written at its own offset when it arrives, in any order
+    and from any thread (``pwrite``); a tensor copied unchanged from a
+    safetensors source goes file to file in the kernel. Memory: the tensors
+    being computed, nothing else.
+
+    The files are byte for byte those :func:`write_tensors` writes for the same
+    stream (same shard split, same header, same data order). :meth:`close`
+    checks that every tensor was written, fsyncs, names the shards and writes
+    the index; a tensor whose dtype or shape differs from the layout is an error.
+    """
+
+    def __init__(self, folder: PathLike, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str], max_shard_size: int) -> None:
+        import threading
+
+        if not layout:
+            raise RuntimeError("no tensors to write")
+        self.folder = Path(folder)
+        names = [name for name, _, _ in layout]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise RuntimeError(f"tensors written twice: {twice[:5]}")
+        metadata = {"format": "pt", **metadata}
+        self._where: dict[str, tuple[int, int, TensorSpec]] = {}  # name -> (shard, offset, spec)
+        self._fds: list[int] = []
+        self._temp: list[Path] = []
+        self._shards: list[list[str]] = []
+        self._written: set[str] = set()
+        self._lock = threading.Lock()
+        self.total_bytes = 0
+        try:
+            for number, indices in enumerate(shard_plan(layout, max_shard_size)):
+                items = [(layout[i][0], TensorSpec(layout[i][1], tuple(layout[i][2]))) for i in indices]
+                self._shards.append([name for name, _ in items])
+                items.sort(key=lambda item: (-item[1].element_size(), item[0]))  # save_safetensors' data order
+                header = safetensors_header(items, metadata)
+                path = self.folder / f"shard-{number:05d}.tmp"
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+                self._fds.append(fd)
+                self._temp.append(path)
+                offset = 8 + len(header)
+                for name, spec in items:
+                    self._where[name] = (number, offset, spec)
+                    offset += spec.numel() * spec.element_size()
+                    self.total_bytes += spec.numel() * spec.element_size()
+                os.pwrite(fd, struct.pack("<Q", len(header)) + header, 0)
+                os.ftruncate(fd, offset)
+        except BaseException:
+            self._close_fds()
+            raise
+
+    def write(self, name: str, tensor) -> None:
+        """Write one tensor of the layout (a ``torch.Tensor`` or a
+        :class:`calib.checkpoint.RawTensor`); thread-safe."""
+        place = self._where.get(name)
+        if place is None:
+            raise RuntimeError(f"tensor {name} is not in the planned layout")
+        shard, offset, spec = place
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise RuntimeError(f"tensor {name} is {tensor.dtype} {list(tensor.shape)}, but the layout planned "
+                               f"{spec.dtype} {list(spec.shape)}")
+        with self._lock:
+            if name in self._written:
+                raise RuntimeError(f"tensor {name} written twice")
+            self._written.add(name)
+        if hasattr(tensor, "write_to"):
+            tensor.write_to(self._fds[shard], offset)
+        elif tensor.numel():
+            from calib.checkpoint import pwrite_all
+
+            pwrite_all(self._fds[shard], _little_endian_bytes(tensor.detach().to("cpu").contiguous()), offset)
+
+    def close(self) -> WrittenCheckpoint:
+        """Check, fsync and name the shards; write the index. Returns what was written."""
+        missing = [name for name in self._where if name not in self._written]
+        if missing:
+            self._close_fds()
+            raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[:5]}")
+        for fd in self._fds:
+            os.fsync(fd)
+        self._close_fds()
+        result = WrittenCheckpoint(total_bytes=self.total_bytes, num_tensors=len(self._where))
+        for _, _, spec in self._where.values():
+            key = str(spec.dtype).removeprefix("torch.")
+            result.dtypes[key] = result.dtypes.get(key, 0) + 1
+        count = len(self._temp)
+        weight_map = {}
+        for i, path in enumerate(self._temp):
+            final = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(path, self.folder / final)
+            result.files.append(final)
+            weight_map.update({name: final for name in self._shards[i]})
+        if count > 1:
+            index = {"metadata": {"total_size": result.total_bytes},
+                     "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return result
+
+    def _close_fds(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
+
+
+def source_config_dict(config: dict, quantization_config: dict, dtype: torch.dtype,
+                       source_name: str | None = None) -> dict:
+    """:func:`model_config_dict` for a model that was never built (a config.json
+    transformers does not know): the source's config.json as read, with our
+    ``quantization_config``, ``dtype`` and public ``_name_or_path``."""
+    config = dict(config)
+    config.pop("quantization_config", None)
+    config["quantization_config"] = quantization_config
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    if source_name:
+        config["_name_or_path"] = source_name if looks_like_hub_id(source_name) else Path(source_name).name
+    elif not looks_like_hub_id(str(config.get("_name_or_path") or "")):
+        config.pop("_name_or_path", None)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
