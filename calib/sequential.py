@@ -1,0 +1,795 @@
+"""Sequential calibration: a model larger than memory, one layer at a time.
+
+The model is a skeleton on the ``meta`` device. A first forward with every
+decoder layer replaced by a stand-in catches, per batch, the first layer's input
+and the arguments the model hands each layer (the attention mask it built, the
+rotary ``position_embeddings``, ``position_ids``, the cache), then stops. Then,
+layer by layer::
+
+    materialise the layer's weights -> run every batch through it with the
+    observers attached -> keep its outputs as the next layer's inputs -> free it
+
+so at most one layer's weights are real at any time (the embeddings and the
+head count as layers: the catching forward holds the embeddings, a final
+forward over the stored last hidden states holds the head, only when a
+targeted module sits after the layers). The hidden states between layers stay
+in memory, or go to safetensors files in a folder the caller gives when they
+would not fit the memory budget.
+
+The observers see exactly what :func:`calib.calibration.calibrate` shows them
+on the loaded model: the same batches, the same masks, the same tensors, bit
+for bit. SmoothQuant needs the unsmoothed model's channel ranges for every
+pair, then observes the smoothed model; here both run in the same walk as two
+streams of hidden states: per layer, the unsmoothed stream collects the ranges,
+the layer is rescaled exactly as ``apply_smoothing`` rescales it, and the
+smoothed stream is observed. Each layer is read once. The rescaling is returned
+as data (:class:`ChannelScale` per tensor) for the writer that re-reads the
+weights from the source.
+
+Calibration only: quantizing and writing are done afterwards by the streaming
+writer, from the returned :class:`SequentialCalibration`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calib.algorithms.smoothquant import SmoothPair, apply_smoothing, smoothing_pairs, smoothing_scales
+from calib.calibration import Calibration, _forward_kwargs
+from calib.data import CalibrationSet
+from calib.errors import CalibInputError
+from calib.estimate import RUNTIME_OVERHEAD, forward_workspace_bytes, human
+from calib.hooks import InputGroup, observe, observing_cache
+from calib.layers import DecoderLayers, LoadWeights, Units, canonical_names, find_decoder_layers, materialise, \
+    tensor_slots, unit_bytes, units
+from calib.observers import ChannelMaxObserver, Observer, make_observer
+from calib.quantize import Plan, plan_for
+from calib.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+SPILL_PREFIX = "calib-spill-"
+
+
+class _Stop(Exception):
+    """Raised by a stand-in to end a forward once it has what it needs."""
+
+
+def _stop(module: nn.Module, args: tuple) -> None:
+    raise _Stop
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to hand freed heap pages back to the system. Without it the
+    blocks a released layer leaves between live hidden states stay in the
+    process, and RSS creeps up layer after layer (~50 MB a layer on a 1B model)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class ChannelScale:
+    """A per-channel rescaling of one tensor: ``t / s`` (``divide``) or ``t * s``
+    along dimension ``dim``, ``s`` cast to the tensor's dtype first.
+
+    This is exactly what :func:`calib.algorithms.smoothquant.apply_smoothing` does
+    to a producer (rows divided) and its consumers (columns multiplied), so a
+    writer applying the transforms to the source weights gets the tensors the
+    in-memory path would have exported, bit for bit.
+    """
+
+    scales: torch.Tensor  # float32, [channels], on the CPU
+    dim: int
+    divide: bool
+
+    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        shape = [1] * tensor.dim()
+        shape[self.dim] = -1
+        s = self.scales.to(device=tensor.device, dtype=tensor.dtype).reshape(shape)
+        return tensor / s if self.divide else tensor * s
+
+
+def apply_transforms(tensor: torch.Tensor, transforms: list[ChannelScale]) -> torch.Tensor:
+    """``tensor`` with its transforms applied in order (the order matters in floating point)."""
+    for transform in transforms:
+        tensor = transform.apply(tensor)
+    return tensor
+
+
+@dataclass
+class SequentialCalibration(Calibration):
+    """What :func:`calib.calibration.calibrate` returns, plus the SmoothQuant
+    rescaling as data: parameter name (module space) -> transforms in order."""
+
+    transforms: dict[str, list[ChannelScale]] = field(default_factory=dict)
+    layers: int = 0
+    spilled: bool = False
+
+
+# --------------------------------------------------------------------------- memory
+
+
+@dataclass(frozen=True)
+class SequentialMemory:
+    """What sequential mode holds, by kind (bytes)."""
+
+    unit_bytes: int  # the largest set of weights materialised at once (a layer, the embeddings, the head)
+    hidden_bytes: int  # one stream's hidden states, all batches
+    batch_hidden_bytes: int  # the largest batch's hidden states
+    streams: int  # 2 with SmoothQuant (unsmoothed + smoothed), else 1
+    extras_bytes: int  # attention masks and position tables kept per batch
+    workspace_bytes: int  # one layer's forward over one batch
+    runtime_bytes: int = RUNTIME_OVERHEAD
+
+    def peak(self, spilled: bool) -> int:
+        fixed = self.runtime_bytes + self.unit_bytes + self.workspace_bytes + self.extras_bytes
+        if spilled:  # one batch read ahead, one being run, one output being written
+            return fixed + 3 * self.batch_hidden_bytes
+        return fixed + self.streams * self.hidden_bytes + self.batch_hidden_bytes
+
+    @property
+    def minimum(self) -> int:
+        return self.peak(spilled=True)
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _batch_shapes(data: CalibrationSet, batch_size: int) -> list[tuple[int, int, bool]]:
+    """(rows, width, padded) per batch, in the order ``data.batches`` yields them."""
+    lengths = sorted((int(s.numel()) for s in data.samples), reverse=True)
+    shapes = []
+    for start in range(0, len(lengths), batch_size):
+        chunk = lengths[start:start + batch_size]
+        shapes.append((len(chunk), chunk[0], chunk[0] != chunk[-1]))
+    return shapes
+
+
+def sequential_memory(model: nn.Module, data: CalibrationSet, batch_size: int, dtype: torch.dtype | None = None,
+                      recipe: Recipe | None = None) -> SequentialMemory:
+    """The memory figures of a sequential run, from the skeleton's shapes and the data."""
+    dtype = dtype or _model_dtype(model)
+    config = _text_config(model)
+    element = dtype.itemsize
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    head_dim = int(getattr(config, "head_dim", 0) or hidden // max(int(getattr(config, "num_attention_heads", 1)), 1))
+    shapes = _batch_shapes(data, batch_size)
+    per_batch = [rows * width * hidden * element for rows, width, _ in shapes]
+    # Masks: a 4-D one per batch (per distinct layer type) unless the kernel takes "causal" with no padding.
+    kinds = len(set(getattr(config, "layer_types", None) or ["full"]))
+    sdpa = str(getattr(config, "_attn_implementation", "sdpa") or "sdpa") in ("sdpa", "flash_attention_2")
+    extras = 0
+    for rows, width, padded in shapes:
+        if padded or not sdpa:
+            extras += kinds * rows * width * width * element
+        extras += 2 * width * head_dim * element  # cos and sin
+    targets = plan_for(model, recipe, warn=False).targets if recipe is not None else {}
+    layout = find_decoder_layers(model)
+    u = units(model, layout)
+    slots = tensor_slots(model)
+    sizes = [unit_bytes(model, u.prefix, dtype, slots)] + [unit_bytes(model, n, dtype, slots) for n in u.layers]
+    if any(layout.layer_of(name) is None for name in targets):
+        sizes.append(unit_bytes(model, u.tail, dtype, slots))
+    streams = 2 if recipe is not None and recipe.smoothquant is not None and _observes(recipe) else 1
+    seq_len = max((width for _, width, _ in shapes), default=0)
+    return SequentialMemory(unit_bytes=max(sizes), hidden_bytes=sum(per_batch),
+                            batch_hidden_bytes=max(per_batch, default=0), streams=streams, extras_bytes=extras,
+                            workspace_bytes=forward_workspace_bytes(config, batch_size, seq_len, element))
+
+
+def estimate_sequential_peak(model: nn.Module, data: CalibrationSet, batch_size: int,
+                             dtype: torch.dtype | None = None, recipe: Recipe | None = None,
+                             spilled: bool = False) -> int:
+    """Estimated peak memory (bytes, runtime included, comparable with
+    :func:`calib.estimate.in_memory_peak_bytes`) of sequential calibration,
+    with the hidden states in memory or (``spilled``) on disk."""
+    return sequential_memory(model, data, batch_size, dtype, recipe).peak(spilled)
+
+
+def _observes(recipe: Recipe) -> bool:
+    acts = recipe.input_activations
+    return (acts is not None and not acts.dynamic) or recipe.kv_cache is not None
+
+
+# --------------------------------------------------------------------------- hidden states
+
+
+class _HiddenStates:
+    """One stream's per-batch hidden states between layers: in memory, or one
+    safetensors file per batch in ``folder`` (read one batch ahead)."""
+
+    def __init__(self, count: int, folder: Path | None, tag: str, device: torch.device) -> None:
+        self.count = count
+        self.folder = folder
+        self.tag = tag
+        self.device = device
+        self._memory: list[torch.Tensor | None] = [None] * count
+
+    def _path(self, index: int) -> Path:
+        return self.folder / f"{self.tag}-{index:06d}.safetensors"
+
+    def put(self, index: int, tensor: torch.Tensor) -> None:
+        if self.folder is None:
+            self._memory[index] = tensor
+            return
+        from safetensors.torch import save_file
+
+        save_file({"hidden": tensor.detach().to("cpu").contiguous()}, str(self._path(index)))
+
+    def _read(self, index: int) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        path = self._path(index)
+        tensor = load_file(str(path), device=str(self.device))["hidden"]
+        path.unlink()
+        return tensor
+
+    def clear(self) -> None:
+        self._memory = [None] * self.count
+        if self.folder is not None:
+            for index in range(self.count):
+                self._path(index).unlink(missing_ok=True)
+
+    def take_all(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """Each batch's tensor once, in order; the store lets go of it (memory slot or file)."""
+        if self.folder is None:
+            for index in range(self.count):
+                tensor, self._memory[index] = self._memory[index], None
+                yield index, tensor
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calib-spill") as pool:
+            ahead = pool.submit(self._read, 0) if self.count else None
+            for index in range(self.count):
+                tensor = ahead.result()
+                ahead = pool.submit(self._read, index + 1) if index + 1 < self.count else None
+                yield index, tensor
+
+
+# --------------------------------------------------------------------------- stand-ins
+
+
+@dataclass
+class _Call:
+    """The arguments the model passed one layer for one batch, its hidden states left out."""
+
+    args: tuple
+    kwargs: dict
+    hidden_at: int | str
+
+    def bind(self, hidden: torch.Tensor, fresh_cache: Callable[[], object]) -> tuple[tuple, dict]:
+        """The arguments for a call on ``hidden``, with a fresh cache where the model passed one
+        (a layer only appends its own keys/values to it; a fresh one keeps memory to one layer)."""
+        from transformers.cache_utils import Cache
+
+        args = [fresh_cache() if isinstance(a, Cache) else a for a in self.args]
+        kwargs = {k: fresh_cache() if isinstance(v, Cache) else v for k, v in self.kwargs.items()}
+        if isinstance(self.hidden_at, int):
+            args[self.hidden_at] = hidden
+        else:
+            kwargs[self.hidden_at] = hidden
+        return tuple(args), kwargs
+
+
+def _split_call(index: int, args: tuple, kwargs: dict) -> tuple[torch.Tensor, _Call]:
+    if args and torch.is_tensor(args[0]):
+        return args[0], _Call(args=(None,) + tuple(args[1:]), kwargs=dict(kwargs), hidden_at=0)
+    if torch.is_tensor(kwargs.get("hidden_states")):
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        return kwargs["hidden_states"], _Call(args=tuple(args), kwargs={**rest, "hidden_states": None},
+                                              hidden_at="hidden_states")
+    raise CalibInputError(f"layer {index} is called without its hidden states as first argument or as "
+                          "hidden_states=: sequential mode cannot feed it")
+
+
+class _StandIn(nn.Module):
+    """Takes a layer's place in its ModuleList for one forward; attribute reads the
+    model makes of the layer (``attention_type``) reach the real one."""
+
+    def __init__(self, index: int, layer: nn.Module, on_call: Callable) -> None:
+        super().__init__()
+        self.__dict__["_real"] = layer  # not a submodule: named_modules() stays as it was
+        self._index = index
+        self._on_call = on_call
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_real"], name)
+
+    def forward(self, *args, **kwargs):
+        return self._on_call(self._index, args, kwargs)
+
+
+@contextlib.contextmanager
+def _standing_in(layers: nn.ModuleList, on_call: Callable) -> Iterator[None]:
+    originals = list(layers)
+    try:
+        for index, layer in enumerate(originals):
+            layers[index] = _StandIn(index, layer, on_call)
+        yield
+    finally:
+        for index, layer in enumerate(originals):
+            layers[index] = layer
+
+
+class _ZeroEmbedding(nn.Module):
+    """Stands in for the input embeddings when only what follows the layers is run."""
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.width, self.dtype, self.device = width, dtype, device
+
+    def forward(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return torch.zeros(*input_ids.shape, self.width, dtype=self.dtype, device=self.device)
+
+
+@contextlib.contextmanager
+def _replaced(model: nn.Module, name: str, stand_in: nn.Module) -> Iterator[None]:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    original = getattr(parent, leaf)
+    setattr(parent, leaf, stand_in)
+    try:
+        yield
+    finally:
+        setattr(parent, leaf, original)
+
+
+class _Catcher:
+    """Records, per layer, what the model passes it; the last one ends the forward."""
+
+    def __init__(self, count: int, tuple_out: bool) -> None:
+        self.count = count
+        self.tuple_out = tuple_out
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls: list[_Call] = []
+        self.first_input: torch.Tensor | None = None
+        self.returned: torch.Tensor | None = None
+        self.passed_through = True  # each layer got the very tensor the previous one returned
+
+    def __call__(self, index: int, args: tuple, kwargs: dict):
+        if index != len(self.calls):
+            raise CalibInputError(f"the model called layer {index} after {len(self.calls)} layer call(s) in "
+                                  "one forward: sequential mode needs each layer called once, in order")
+        hidden, call = _split_call(index, args, kwargs)
+        if index == 0:
+            self.first_input = hidden
+        elif hidden is not self.returned:
+            self.passed_through = False
+        self.calls.append(call)
+        if index == self.count - 1:
+            raise _Stop
+        self.returned = hidden
+        return (hidden,) if self.tuple_out else hidden
+
+
+# --------------------------------------------------------------------------- the walk
+
+
+@dataclass
+class _Stream:
+    """One stream of hidden states through the layers, and the observers that watch it."""
+
+    name: str
+    kv: bool  # observe keys/values (the forward passes an observing cache)
+    groups: list[InputGroup]
+    kv_observers: dict[int, tuple[Observer, Observer]] = field(default_factory=dict)
+    pairs: list[tuple[SmoothPair, InputGroup]] = field(default_factory=list)  # SmoothQuant stream only
+    last_layer: int = -1  # runs through layers 0..last_layer
+    feeds_tail: bool = False  # its final hidden states feed the tail forward
+    store: _HiddenStates | None = None
+    calls: list[list[_Call]] = field(default_factory=list)  # [batch][layer]
+
+
+@dataclass
+class _Walk:
+    """What every step of one sequential run reads."""
+
+    model: nn.Module
+    plan: Plan
+    layout: DecoderLayers
+    units: Units
+    load_weights: LoadWeights
+    device: torch.device
+    batches: list[dict[str, torch.Tensor]]
+    slots: dict = field(default_factory=dict)
+    canonical: dict = field(default_factory=dict)
+
+    def materialise(self, names: list[str]):
+        return materialise(self.model, names, self.load_weights, self.device, self.slots, self.canonical)
+
+    def forward_kwargs(self, kv: bool, session) -> dict:
+        return _forward_kwargs(self.model, self.plan, kv, session)
+
+
+def _input_groups(plan: Plan, recipe: Recipe, calibration: Calibration) -> list[InputGroup]:
+    """The observer groups, built exactly as :func:`calib.calibration.calibrate` builds them."""
+    groups: list[InputGroup] = []
+    acts = recipe.input_activations
+    if acts is not None and not acts.dynamic:
+        done: set[str] = set()
+        for name in plan.targets:
+            if name in done:
+                continue
+            members = plan.group_of(name)
+            done.update(members)
+            group = InputGroup(names=members, observer=make_observer(acts.observer, acts.observer_kwargs))
+            groups.append(group)
+            calibration.input_observers.update({m: group.observer for m in members})
+    return groups
+
+
+def _streams(model: nn.Module, recipe: Recipe, plan: Plan, layout: DecoderLayers,
+             result: SequentialCalibration) -> list[_Stream]:
+    """The SmoothQuant stream (unsmoothed model, per-channel ranges), then the
+    observing stream (smoothed model, the recipe's observers): either may be absent."""
+    streams = []
+    if recipe.smoothquant is not None:
+        pairs = smoothing_pairs(model, plan.targets)
+        if not pairs:
+            raise CalibInputError(f"recipe {recipe.name!r} asks for SmoothQuant, but {type(model).__name__} has no "
+                                  "norm -> projection pairs calib knows (Llama-family decoders)")
+        for pair in pairs:
+            where = {layout.layer_of(n) for n in [pair.producer, *pair.consumers]}
+            if len(where) != 1 or None in where:
+                raise CalibInputError(f"SmoothQuant pair {pair.producer} -> {pair.consumers} spans more than one "
+                                      "layer: sequential mode rescales one layer at a time")
+        groups = [InputGroup(names=[pair.consumers[0]], observer=ChannelMaxObserver()) for pair in pairs]
+        streams.append(_Stream("smoothquant", kv=False, groups=groups, pairs=list(zip(pairs, groups)),
+                               last_layer=max(layout.layer_of(p.producer) for p in pairs)))
+        result.smoothed = len(pairs)
+    groups = _input_groups(plan, recipe, result)
+    if recipe.kv_cache is not None:
+        result.kv_observers = {i: (Observer(), Observer()) for i in plan.attention}
+    if groups or result.kv_observers:
+        streams.append(_Stream("calibrate", kv=recipe.kv_cache is not None, groups=groups,
+                               kv_observers=result.kv_observers))
+    return streams
+
+
+def _default_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if not tensor.is_meta:
+            return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _spill_folder(parent: Path | str | None) -> Iterator[Path | None]:
+    """A fresh folder for spilled hidden states inside ``parent`` (None: no spilling), removed on exit."""
+    if parent is None:
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=str(parent)))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """Dropout off for the run, as ``from_pretrained`` leaves a model (a skeleton from a config trains)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def calibrate_sequential(model: nn.Module, load_weights: LoadWeights, recipe: Recipe, data: CalibrationSet | None,
+                         batch_size: int = 8, pad_token_id: int = 0, device: torch.device | str | None = None,
+                         budget_bytes: int | None = None, spill_dir: Path | str | None = None,
+                         progress: bool = True) -> SequentialCalibration:
+    """Calibrate ``model`` one layer at a time; the observers end as :func:`calibrate`'s would.
+
+    ``model``: a skeleton on ``meta`` (or a loaded model: then nothing is loaded
+    or freed). ``load_weights(names)``: module-space parameter (and persistent
+    buffer) names -> tensors; it may omit buffers, which are then computed. The
+    tensors it returns become the model's for the layer's time and SmoothQuant
+    rescales them in place: return fresh tensors, never views of a cache.
+    ``budget_bytes``: the memory the run may use, runtime included (what
+    ``--max-memory`` says); when the hidden states would not fit beside the
+    largest layer they are written to a fresh folder inside ``spill_dir``,
+    removed at the end. A budget below the least a run needs is an error before
+    any weight is read.
+    """
+    plan = plan_for(model, recipe)
+    result = SequentialCalibration(plan=plan)
+    if not recipe.needs_calibration:
+        return result
+    if data is None or not data.samples:
+        raise CalibInputError(f"recipe {recipe.name!r} has static scales and needs calibration data")
+    start = time.perf_counter()
+    layout = find_decoder_layers(model)
+    streams = _streams(model, recipe, plan, layout, result)
+    memory = sequential_memory(model, data, batch_size, recipe=recipe)
+    result.spilled = _check_budget(memory, budget_bytes, spill_dir)
+    device = _default_device(model, device)
+    walk = _Walk(model=model, plan=plan, layout=layout, units=units(model, layout), load_weights=load_weights,
+                 device=device, slots=tensor_slots(model), canonical=canonical_names(model),
+                 batches=[{k: v.to(device) for k, v in b.items()} for b in data.batches(batch_size, pad_token_id)])
+    count = len(layout.layers)
+
+    with _spill_folder(spill_dir if result.spilled else None) as folder, _evaluating(model):
+        log.info("sequential calibration: %d layers, largest unit %s, hidden states %s x %d stream(s) %s", count,
+                 human(memory.unit_bytes), human(memory.hidden_bytes), len(streams),
+                 f"spilled to {folder}" if folder else "in memory")
+        for stream in streams:
+            stream.store = _HiddenStates(len(walk.batches), folder, stream.name, device)
+        tail_groups, tuple_out = _catch(walk, streams)
+        if tail_groups:
+            streams[-1].last_layer, streams[-1].feeds_tail = count - 1, True
+        elif streams[-1].name == "calibrate":
+            observed = [walk.layout.layer_of(g.names[0]) for g in streams[-1].groups]
+            observed += [walk.layout.layer_of(plan.attention[i]) for i in streams[-1].kv_observers]
+            streams[-1].last_layer = max((i for i in observed if i is not None), default=-1)
+
+        layers = max(s.last_layer for s in streams) + 1
+        with tqdm(total=layers, desc="calibrate (sequential)", unit="layer", disable=not progress) as bar:
+            for index in range(layers):
+                layer_start = time.perf_counter()
+                weights = walk.materialise(walk.units.layers[index])
+                try:
+                    for stream in streams:
+                        if index > stream.last_layer:
+                            continue
+                        tuple_out = _run_layer(walk, index, stream) or tuple_out
+                        _smooth_layer(model, [p for p in stream.pairs if layout.layer_of(p[0].producer) == index],
+                                      recipe, result.transforms)
+                        if index == stream.last_layer and not stream.feeds_tail:
+                            stream.store.clear()  # no later layer reads this stream
+                finally:
+                    weights.release()
+                    _return_freed_memory()
+                bar.update()
+                log.debug("layer %d/%d: %.2f s (%s of weights)", index + 1, count,
+                          time.perf_counter() - layer_start, human(weights.nbytes))
+        if tail_groups:
+            _tail(walk, streams[-1], tail_groups, tuple_out)
+
+    if result.smoothed:
+        log.info("SmoothQuant (alpha %.2f): rescaled %d norm/projection pairs", recipe.smoothquant.alpha,
+                 result.smoothed)
+    if streams[-1].name == "calibrate":
+        result.batches = len(walk.batches)
+        result.tokens = int(sum(int(b["attention_mask"].sum()) for b in walk.batches))
+    result.layers = count
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _check_budget(memory: SequentialMemory, budget: int | None, spill_dir: Path | str | None) -> bool:
+    """Whether to spill; an error when even spilling cannot fit the budget or has nowhere to go."""
+    if budget is None:
+        return False
+    if budget < memory.minimum:
+        raise CalibInputError(
+            f"memory budget {human(budget)} is below the least sequential calibration needs, {human(memory.minimum)}: "
+            f"the largest layer {human(memory.unit_bytes)} + one batch's forward {human(memory.workspace_bytes)} + "
+            f"3 batches of hidden states {human(3 * memory.batch_hidden_bytes)} + masks and position tables "
+            f"{human(memory.extras_bytes)} + runtime {human(memory.runtime_bytes)}. Raise --max-memory, or lower "
+            "--batch-size or --seq-len.")
+    if memory.peak(spilled=False) <= budget:
+        return False
+    held = memory.streams * memory.hidden_bytes
+    if spill_dir is None:
+        raise CalibInputError(
+            f"the hidden states between layers ({human(held)}) do not fit the memory budget {human(budget)} beside "
+            f"the largest layer ({human(memory.unit_bytes)}), and no folder to spill them to was given (spill_dir)")
+    try:
+        free = shutil.disk_usage(spill_dir).free
+    except OSError as exc:
+        raise CalibInputError(f"cannot spill hidden states to {spill_dir}: {exc}") from None
+    if free < held + memory.batch_hidden_bytes:
+        raise CalibInputError(f"spilling the hidden states between layers needs {human(held)} on disk, and "
+                              f"{spill_dir} has {human(free)} free")
+    return True
+
+
+def _catch(walk: _Walk, streams: list[_Stream]) -> tuple[list[InputGroup], bool]:
+    """Run the model up to its last layer's call over every batch, the layers
+    standing in (embeddings materialised, then freed): each stream's first hidden
+    states and every layer's arguments.
+
+    Targeted modules outside the layers are observed here when they run before
+    the layers; the others are returned (the tail observes them). Also returns
+    whether the model expects layers to return tuples.
+    """
+    model, layout = walk.model, walk.layout
+    watching = streams[-1] if streams[-1].name == "calibrate" else None
+    outside = [g for g in (watching.groups if watching else []) if layout.layer_of(g.names[0]) is None]
+    ran: set[str] = set()
+    weights = walk.materialise(walk.units.prefix)
+    hooks = []
+    try:
+        tuple_out = _layer_output_kind(walk, streams[0].kv)
+        modules = dict(model.named_modules())
+        for group in outside:
+            for name in group.names:
+                hooks.append(modules[name].register_forward_pre_hook(lambda m, a, name=name: ran.add(name)))
+        for kv in dict.fromkeys(s.kv for s in streams):  # streams with the same arguments share one catch
+            sharing = [s for s in streams if s.kv == kv]
+            catcher = _Catcher(len(layout.layers), tuple_out)
+            calls: list[list[_Call]] = []
+            with torch.inference_mode(), observe(model, outside if watching in sharing else []) as session, \
+                    _standing_in(layout.layers, catcher):
+                for index, batch in enumerate(walk.batches):
+                    session.set_mask(batch["attention_mask"])
+                    _catch_one(walk, batch, kv, session, catcher)
+                    if not catcher.passed_through:
+                        raise CalibInputError(
+                            f"{type(model).__name__} changes the hidden states between its layers (or passes a "
+                            "layer something other than the previous layer's output): sequential mode cannot run "
+                            "it layer by layer. Calibrate it in memory.")
+                    calls.append(catcher.calls)
+                    for stream in sharing:
+                        stream.store.put(index, catcher.first_input)
+            for stream in sharing:
+                stream.calls = calls
+    finally:
+        for hook in hooks:
+            hook.remove()
+        weights.release()
+        _return_freed_memory()
+    return [g for g in outside if not any(n in ran for n in g.names)], tuple_out
+
+
+def _catch_one(walk: _Walk, batch: dict, kv: bool, session, catcher: _Catcher) -> None:
+    catcher.reset()
+    try:
+        walk.model(**batch, **walk.forward_kwargs(kv, session))
+    except _Stop:
+        return
+    raise CalibInputError(f"the forward of {type(walk.model).__name__} ended without calling its last layer "
+                          f"({walk.layout.layer_name(len(walk.layout.layers) - 1)})")
+
+
+def _layer_output_kind(walk: _Walk, kv: bool) -> bool:
+    """Whether the model takes a tuple from each layer (``outputs[0]``) or the
+    hidden states themselves: whichever makes the next layer receive the very
+    tensor the stand-in returned (one prefix forward, no observers)."""
+    layers = walk.layout.layers
+    if len(layers) < 2:
+        return False
+    with torch.inference_mode(), observe(walk.model, []) as session:
+        for tuple_out in (False, True):
+            catcher = _Catcher(len(layers), tuple_out)
+            with _standing_in(layers, catcher):
+                session.set_mask(walk.batches[0]["attention_mask"])
+                try:
+                    _catch_one(walk, walk.batches[0], kv, session, catcher)
+                except Exception:  # the wrong kind breaks the model's own code: try the other
+                    continue
+            if catcher.passed_through:
+                return tuple_out
+    return False  # the catch proper explains the problem
+
+
+def _run_layer(walk: _Walk, index: int, stream: _Stream) -> bool:
+    """Every batch of ``stream`` through layer ``index`` with its observers; returns
+    whether the layer returns a tuple."""
+    layout, config = walk.layout, getattr(walk.model, "config", None)
+    layer = layout.layers[index]
+    groups = [g for g in stream.groups if layout.layer_of(g.names[0]) == index]
+    kv = {i: obs for i, obs in stream.kv_observers.items() if layout.layer_of(walk.plan.attention[i]) == index}
+    tuple_out = False
+    with torch.inference_mode(), observe(walk.model, groups, kv) as session:
+        for batch, hidden in stream.store.take_all():
+            session.set_mask(walk.batches[batch]["attention_mask"])
+            args, kwargs = stream.calls[batch][index].bind(hidden, lambda: observing_cache(session, config))
+            out = layer(*args, **kwargs)
+            tuple_out = isinstance(out, tuple)
+            result = out[0] if isinstance(out, (tuple, list)) else out
+            if not torch.is_tensor(result) or result.shape != hidden.shape:
+                raise CalibInputError(f"{layout.layer_name(index)} returned {type(result).__name__} "
+                                      f"{list(getattr(result, 'shape', []))} for hidden states "
+                                      f"{list(hidden.shape)}: sequential mode expects the next hidden states first")
+            del out, hidden, args, kwargs
+            stream.store.put(batch, result)
+    return tuple_out
+
+
+def _smooth_layer(model: nn.Module, layer_pairs: list[tuple[SmoothPair, InputGroup]], recipe: Recipe,
+                  transforms: dict[str, list[ChannelScale]]) -> None:
+    """Rescale one layer's pairs as ``calibration._smooth`` does (same order, same
+    functions), and record the rescaling per tensor."""
+    for pair, group in layer_pairs:
+        if not group.observer.observed:
+            continue
+        weights = [model.get_submodule(n).weight for n in pair.consumers]
+        scales = smoothing_scales(group.observer.amax, weights, recipe.smoothquant.alpha)
+        apply_smoothing(model, pair, scales)
+        s = scales.detach().to("cpu")
+        producer = model.get_submodule(pair.producer)
+        transforms.setdefault(f"{pair.producer}.weight", []).append(ChannelScale(s, dim=0, divide=True))
+        if getattr(producer, "bias", None) is not None:
+            transforms.setdefault(f"{pair.producer}.bias", []).append(ChannelScale(s, dim=0, divide=True))
+        for name in pair.consumers:
+            transforms.setdefault(f"{name}.weight", []).append(ChannelScale(s, dim=1, divide=False))
+
+
+def _tail(walk: _Walk, stream: _Stream, groups: list[InputGroup], tuple_out: bool) -> None:
+    """Observe the targeted modules after the layers (LM head, pooler): a forward
+    with the input embeddings stubbed out and the layers standing in, the last
+    one returning the stored final hidden states. Stops at the head once its
+    input is observed: no logits are computed."""
+    model, u = walk.model, walk.units
+    count = len(walk.layout.layers)
+    finals: dict[str, torch.Tensor] = {}
+
+    def replay(index: int, args: tuple, kwargs: dict):
+        hidden, _ = _split_call(index, args, kwargs)
+        if index == count - 1:
+            hidden = finals["hidden"]
+        return (hidden,) if tuple_out else hidden
+
+    weights = walk.materialise(u.tail)
+    try:
+        with contextlib.ExitStack() as stack:
+            if u.input_embeddings is not None and u.input_embeddings != u.output_embeddings:
+                embed = model.get_submodule(u.input_embeddings).weight
+                stack.enter_context(_replaced(model, u.input_embeddings,
+                                              _ZeroEmbedding(embed.shape[-1], embed.dtype, walk.device)))
+            stack.enter_context(_standing_in(walk.layout.layers, replay))
+            stack.enter_context(torch.inference_mode())
+            session = stack.enter_context(observe(model, groups))
+            if u.output_embeddings in {n for g in groups for n in g.names}:
+                # registered after the observers' hooks, so it runs after them
+                stack.callback(model.get_submodule(u.output_embeddings).register_forward_pre_hook(_stop).remove)
+            for index, hidden in stream.store.take_all():
+                finals["hidden"] = hidden
+                batch = walk.batches[index]
+                session.set_mask(batch["attention_mask"])
+                try:
+                    model(**batch, **walk.forward_kwargs(False, session))
+                except _Stop:
+                    pass
+                finals.clear()
+    finally:
+        weights.release()
+        _return_freed_memory()
