@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="also read pickle weights (pytorch_model.bin); only for files you trust")
     run.add_argument("--max-memory", default=None,
                      help="memory budget, e.g. 16GB (default: 80%% of the memory available at start)")
+    how = run.add_mutually_exclusive_group()
+    how.add_argument("--sequential", dest="mode", action="store_const", const="sequential", default="auto",
+                     help="calibrate one decoder layer at a time from the safetensors shards (default: when the "
+                     "estimated in-memory peak exceeds --max-memory)")
+    how.add_argument("--in-memory", dest="mode", action="store_const", const="in-memory",
+                     help="load the whole model (never sequential or data-free streaming)")
     run.add_argument("--dry-run", action="store_true",
                      help="print parameters, the layers quantized, calibration tokens, estimated checkpoint size and "
                      "memory peak, and warnings; read no weight and write nothing")
@@ -94,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _print_summary(report: dict) -> None:
     t = report["timings_s"]
+    execution = report["execution"]
     before, after = report["size_before_bytes"], report["size_after_bytes"]
     data = "none needed" if not report["dataset"] else (
         f"{report['dataset']}: {report['num_samples']} samples x {report['seq_len']} tokens, "
@@ -107,6 +114,8 @@ def _print_summary(report: dict) -> None:
         f"  time        load {t['load']:.1f}s, data {t['data']:.1f}s, calibrate {t['calibrate']:.1f}s, "
         f"quantize {t['quantize']:.1f}s, export {t['export']:.1f}s, total {t['total']:.1f}s",
         f"  peak memory {report['peak_rss_mb']:.0f} MiB RSS",
+        f"  mode        {execution['mode']}: {execution['reason']}" + (
+            "; hidden states spilled to disk" if execution.get("hidden_states_spilled_to_disk") else ""),
     ]
     for note in report.get("notes", []):
         lines.append(f"  note        {note}")
@@ -143,6 +152,10 @@ def _print_dry_run(plan: dict) -> None:
         f"{human(memory['budget_bytes'])} ({memory['budget_from']})",
         f"  mode        {plan['mode']}: {plan['mode_reason']}",
     ]
+    if memory.get("sequential_peak_estimate_bytes"):
+        lines.append(f"  sequential  estimated peak {human(memory['sequential_peak_estimate_bytes'])}"
+                     + (", hidden states spilled to disk" if memory["hidden_states_spilled_to_disk"] else "")
+                     + ("" if plan["mode"] == "sequential" else " (if run with --sequential)"))
     lines += [f"  warning     {w}" for w in plan["warnings"]]
     print("\n".join(lines))
 
@@ -210,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.model, recipe=recipe, dataset=args.dataset, text_column=args.text_column,
                 split=args.split, num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                 packing=args.packing, seed=args.seed, dtype=args.dtype, device=args.device,
-                max_memory=args.max_memory, trust_remote_code=args.trust_remote_code))
+                max_memory=args.max_memory, trust_remote_code=args.trust_remote_code, mode=args.mode))
             return EXIT_OK
         from calib.pipeline import run
 
@@ -221,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size,
             overwrite=args.overwrite, progress=not args.no_progress,
             trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+            max_memory=args.max_memory, mode=args.mode,
         )
         _print_summary(report)
         return EXIT_OK

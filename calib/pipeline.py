@@ -21,9 +21,11 @@ from calib.errors import CalibInputError
 from calib.export import atomic_directory, check_free_space, check_output, model_config_dict, parse_size, \
     write_side_files, write_tensors
 from calib.calibration import Calibration, calibrate
+from calib.checkpoint import NameMap, StateDictSource
 from calib.devices import resolve_device
 from calib.quantize import Plan, QuantizeResult, plan_for, quantized_tensors
 from calib.recipe import CalibrationDefaults, Recipe, load_recipe
+from calib.stream import checkpoint_ignore
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Ca
                                    calibration.kv_observers, result)
         written = write_tensors(folder, _with_progress(stream, model, calibration.plan, progress),
                                 provenance(recipe, data, model, source), shard_bytes)
-        ignore = sorted(set(recipe.ignore) | set(calibration.plan.ignored))
+        ignore = checkpoint_ignore(recipe, calibration.plan, NameMap.for_model(model, StateDictSource(model)))
         config = model_config_dict(model, recipe.to_quantization_config(ignore=ignore),
                                    source_name=(source or {}).get("name") or _public_model_name(model))
         write_side_files(folder, model, tokenizer, config, recipe.to_yaml())
@@ -226,13 +228,14 @@ def dry_run(
     device: str = "auto",
     max_memory: str | None = None,
     trust_remote_code: bool = False,
+    mode: str = "auto",
 ) -> dict:
     """What ``run`` would do, from the config, the weight headers and the tokenized
     data, without reading a weight or writing a file: parameters and bytes per
     dtype, the layers the recipe quantizes, the calibration tokens, the estimated
     checkpoint size and memory peak against the budget, and warnings."""
-    from calib.estimate import (default_budget_bytes, forward_workspace_bytes, in_memory_peak_bytes, module_stats,
-                                parse_memory, safetensors_stats)
+    from calib.estimate import (default_budget_bytes, forward_workspace_bytes, human, module_stats, parse_memory,
+                                safetensors_stats)
     from calib.models import model_outline
 
     settings = _settings(recipe, num_samples, seq_len, batch_size, packing, device)
@@ -258,11 +261,25 @@ def dry_run(
         if len(data.samples) < settings.num_samples and settings.samples_asked:
             warnings.append(f"the dataset gives {len(data.samples)} samples of {seq_len} tokens; "
                             f"{settings.num_samples} were asked for")
+    from calib.modes import choose_mode
+
     in_memory = module_stats(outline.skeleton, outline.load_dtype)
     on_disk = safetensors_stats(outline.folder) if outline.folder is not None else None
     element = outline.load_dtype.itemsize
     workspace = forward_workspace_bytes(outline.config, settings.batch_size, seq_len, element) if data else 0
-    peak = in_memory_peak_bytes(in_memory.total_bytes, workspace)
+    choice = choose_mode(model, recipe, mode, budget, "--max-memory" if max_memory else "80% of available",
+                         outline, settings.batch_size, seq_len, data)
+    peak = choice.in_memory_peak_bytes
+    if choice.mode == "sequential":
+        from calib.sequential import sequential_memory
+
+        memory = sequential_memory(outline.skeleton, data, settings.batch_size, outline.load_dtype, recipe)
+        if memory.minimum > budget:
+            warnings.append(f"the budget {human(budget)} is below the least sequential calibration needs, "
+                            f"{human(memory.minimum)} (largest layer {human(memory.unit_bytes)}): the run "
+                            "would stop before any work")
+    elif choice.mode == "in-memory" and peak is not None and peak > budget:
+        warnings.append(f"estimated in-memory peak {human(peak)} exceeds the budget {human(budget)}")
     quantized = {f"{name}.weight" for name in plan.targets}
     checkpoint = sum(p.numel() * (recipe.weights.num_bits if n in quantized else element * 8) // 8
                      for n, p in outline.skeleton.named_parameters())
@@ -281,14 +298,13 @@ def dry_run(
         "calibration": ({"dataset": data.source, "samples": len(data.samples), "seq_len": data.seq_len,
                          "tokens": data.num_tokens, "batch_size": settings.batch_size} if data else None),
         "checkpoint_bytes_estimate": checkpoint,
-        "memory": {"budget_bytes": budget, "budget_from": "--max-memory" if max_memory else "80% of available",
-                   "in_memory_peak_estimate_bytes": peak, "forward_workspace_bytes": workspace},
-        "mode": "in-memory",
-        "mode_reason": ("the estimated peak fits the budget" if peak <= budget else
-                        "the estimated peak exceeds the budget, and sequential mode is not available yet: the run "
-                        "would load the whole model"),
-        "warnings": warnings + ([] if peak <= budget else [
-            f"estimated in-memory peak {peak / 2**30:.1f} GiB exceeds the budget {budget / 2**30:.1f} GiB"]),
+        "memory": {"budget_bytes": budget, "budget_from": choice.budget_from,
+                   "in_memory_peak_estimate_bytes": choice.in_memory_peak_bytes,
+                   "sequential_peak_estimate_bytes": choice.sequential_peak_bytes,
+                   "hidden_states_spilled_to_disk": choice.spilled, "forward_workspace_bytes": workspace},
+        "mode": choice.mode,
+        "mode_reason": choice.reason,
+        "warnings": warnings,
     }
 
 
@@ -315,6 +331,32 @@ def plan_before_loading(model: str | None, recipe: Recipe, trust_remote_code: bo
     plan_for(skeleton, recipe, warn=False)
 
 
+def _calibration_set(tokenizer, config, is_causal_lm: bool, dataset, rows, settings: "Settings", *, text_column: str,
+                     split: str, packing: str, seed: int, notes: list[str]) -> CalibrationSet:
+    """The calibration set for a model (its context caps ``seq_len``, with a note)."""
+    seq_len = settings.seq_len
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and 0 < context < seq_len:
+        note = (f"seq_len {seq_len} exceeds the model's context ({context} positions): "
+                f"calibrating on {context}-token samples")
+        log.warning(note)
+        notes.append(note)
+        seq_len = context
+    packed = is_causal_lm if packing == "auto" else packing == "pack"
+    data = build_calibration_set(tokenizer, dataset, num_samples=settings.num_samples, seq_len=seq_len,
+                                 text_column=text_column, split=split, packed=packed, seed=seed, rows=rows,
+                                 warn_short=settings.samples_asked)
+    if len(data.samples) < settings.num_samples and settings.samples_asked:
+        notes.append(f"the dataset gave {len(data.samples)} samples; {settings.num_samples} were asked for")
+    return data
+
+
+def _recorded(recipe: Recipe, data: CalibrationSet, batch_size: int) -> Recipe:
+    """The recipe as run: the checkpoint records what was used, not what was asked for."""
+    return recipe.model_copy(update={"calibration": CalibrationDefaults(
+        num_samples=len(data.samples), seq_len=data.seq_len, batch_size=batch_size)})
+
+
 def run(
     model: str | None = None,
     recipe: str | Recipe = "fp8-static",
@@ -335,24 +377,34 @@ def run(
     progress: bool = True,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    max_memory: str | int | None = None,
+    mode: str = "auto",
 ) -> dict:
     """Load, calibrate, quantize and export; returns the report (also written
     as ``calib_report.json`` in the output).
 
+    ``mode``: ``auto`` (sequential when the estimated in-memory peak exceeds
+    ``max_memory``, data-free for recipes that need no data), ``in-memory`` or
+    ``sequential`` (see :mod:`calib.modes`). ``max_memory``: the budget, a size
+    like ``"16GB"`` or bytes (default: 80 % of the memory available at start).
     Every check that needs no model (recipe, sizes, device, output, dataset)
     runs before the model is loaded.
     """
-    from calib.models import load_model
+    from calib.estimate import default_budget_bytes, parse_memory
+    from calib.models import model_outline
+    from calib.modes import MODES, choose_mode, streamable_folder
 
     total_start = time.perf_counter()
     settings = _settings(recipe, num_samples, seq_len, batch_size, packing, device)
-    recipe, target, samples_asked = settings.recipe, settings.device, settings.samples_asked
-    num_samples, seq_len, batch_size = settings.num_samples, settings.seq_len, settings.batch_size
+    recipe = settings.recipe
+    if mode not in MODES:
+        raise CalibInputError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    budget = parse_memory(str(max_memory)) if max_memory is not None else default_budget_bytes(settings.device)
+    budget_from = "--max-memory" if max_memory is not None else "80% of available"
     output = Path(output)
     protected = tuple(p for p in (model, dataset) if p)  # the output may never be, hold or sit in these
     check_output(output, overwrite, protected=protected)
-    parse_size(max_shard_size)
-    notes: list[str] = []
+    shard_bytes = parse_size(max_shard_size)
 
     # The temporary output is created first: an unwritable output fails before any heavy work, and
     # whatever happens below (an error, Ctrl-C, SIGTERM) removes it.
@@ -361,63 +413,171 @@ def run(
         # Read the dataset first: a bad one fails before the (slow) model load.
         rows = load_rows(dataset, split) if recipe.needs_calibration else None
         rows_s = time.perf_counter() - start
-
-        plan_before_loading(model, recipe, trust_remote_code)
-        start = time.perf_counter()
-        loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        loaded.model.to(target)
-        load_s = time.perf_counter() - start
-
-        data, start = None, time.perf_counter()
-        if recipe.needs_calibration:
-            context = getattr(loaded.model.config, "max_position_embeddings", None)
-            if isinstance(context, int) and 0 < context < seq_len:
-                note = (f"seq_len {seq_len} exceeds the model's context ({context} positions): "
-                        f"calibrating on {context}-token samples")
-                log.warning(note)
-                notes.append(note)
-                seq_len = context
-            packed = loaded.is_causal_lm if packing == "auto" else packing == "pack"
-            data = build_calibration_set(loaded.tokenizer, dataset, num_samples=num_samples, seq_len=seq_len,
-                                         text_column=text_column, split=split, packed=packed, seed=seed, rows=rows,
-                                         warn_short=samples_asked)
-            if len(data.samples) < num_samples and samples_asked:
-                notes.append(f"the dataset gave {len(data.samples)} samples; {num_samples} were asked for")
-            # The checkpoint records what was used, not what the recipe asked for.
-            recipe = recipe.model_copy(update={"calibration": CalibrationDefaults(
-                num_samples=len(data.samples), seq_len=data.seq_len, batch_size=batch_size)})
-        elif dataset is not None:
+        if not recipe.needs_calibration and dataset is not None:
             log.info("recipe %s computes every scale without data: --dataset is not used", recipe.name)
-        data_s = time.perf_counter() - start + rows_s
-        tok = loaded.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        calibration = calibrate(loaded.model, recipe, data, batch_size=batch_size, pad_token_id=pad,
-                                progress=progress)
+        plan_before_loading(model, recipe, trust_remote_code)
 
-        report = {
-            "calib_version": __version__,
-            "model": loaded.public_name,
-            "model_fingerprint": loaded.fingerprint,
-            "model_revision": loaded.revision,
-            "model_class": type(loaded.model).__name__,
-            "recipe": recipe.name,
-            "format": recipe.format,
-            "device": str(target),
-            "dataset": data.source if data else None,
-            "dataset_fingerprint": data.fingerprint if data else None,
-            "num_samples": len(data.samples) if data else 0,
-            "seq_len": data.seq_len if data else None,
-            "batch_size": batch_size if data else None,
-            "calibration_tokens": calibration.tokens,
-            "smoothquant_pairs": calibration.smoothed,
-            "unmatched_recipe_entries": calibration.plan.unmatched,
-            "notes": notes,
-            "timings_s": {"load": round(load_s, 3), "data": round(data_s, 3),
-                          "calibrate": round(calibration.seconds, 3)},
-            "size_before_bytes": state_dict_bytes(loaded.model),
-        }
-        export(loaded.model, recipe, output, calibration, tokenizer=tok, data=data, max_shard_size=max_shard_size,
-               overwrite=overwrite, report=report, progress=progress, started_at=total_start,
-               source={"name": loaded.public_name, "fingerprint": loaded.fingerprint, "revision": loaded.revision},
-               folder=folder)
+        outline, data, notes = None, None, []
+        if recipe.needs_calibration and mode != "in-memory" and streamable_folder(model)[0] is not None:
+            start = time.perf_counter()
+            outline = model_outline(model, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=True)
+            data = _calibration_set(outline.tokenizer, outline.config, outline.is_causal_lm, dataset, rows, settings,
+                                    text_column=text_column, split=split, packing=packing, seed=seed, notes=notes)
+            rows_s += time.perf_counter() - start
+        choice = choose_mode(model, recipe, mode, budget, budget_from, outline, settings.batch_size,
+                             data.seq_len if data else settings.seq_len, data)
+        if choice.mode != "in-memory":
+            choice.folder = streamable_folder(model, fetch=True)[0]
+        log.info("mode %s: %s", choice.mode, choice.reason)
+        common = dict(output=output, overwrite=overwrite, folder=folder, settings=settings, choice=choice,
+                      max_shard_size=max_shard_size, progress=progress, total_start=total_start,
+                      trust_remote_code=trust_remote_code)
+        if choice.mode == "data-free":
+            return _run_data_free(model, recipe, dtype=dtype, **common)
+        if choice.mode == "sequential":
+            return _run_sequential(model, _recorded(recipe, data, settings.batch_size), outline, data, notes=notes,
+                                   data_s=rows_s, shard_bytes=shard_bytes, **common)
+        return _run_in_memory(model, recipe, dataset, rows, rows_s, data, notes, dtype=dtype,
+                              allow_pickle=allow_pickle, text_column=text_column, split=split, packing=packing,
+                              seed=seed, **common)
+
+
+def _base_report(public_name: str, fingerprint, revision, model_class: str, recipe: Recipe, device,
+                 data: CalibrationSet | None, batch_size: int, tokens: int, smoothed: int, unmatched: list[str],
+                 notes: list[str], choice, timings: dict, size_before: int) -> dict:
+    return {
+        "calib_version": __version__,
+        "model": public_name,
+        "model_fingerprint": fingerprint,
+        "model_revision": revision,
+        "model_class": model_class,
+        "recipe": recipe.name,
+        "format": recipe.format,
+        "device": str(device),
+        "dataset": data.source if data else None,
+        "dataset_fingerprint": data.fingerprint if data else None,
+        "num_samples": len(data.samples) if data else 0,
+        "seq_len": data.seq_len if data else None,
+        "batch_size": batch_size if data else None,
+        "calibration_tokens": tokens,
+        "smoothquant_pairs": smoothed,
+        "unmatched_recipe_entries": unmatched,
+        "notes": notes,
+        "execution": choice.as_report(),
+        "timings_s": timings,
+        "size_before_bytes": size_before,
+    }
+
+
+def _finish_report(report: dict, folder: Path, output: Path, written, result: QuantizeResult, quantize_s: float,
+                   export_s: float, total_start: float) -> dict:
+    """The export figures, timings and peak memory; writes ``calib_report.json``."""
+    summary = ExportSummary(output=str(output), files=written.files, size_after_bytes=written.total_bytes,
+                            quantize_s=quantize_s, export_s=export_s, result=result)
+    report.update(summary.as_report())
+    report["timings_s"]["quantize"] = round(quantize_s, 3)
+    report["timings_s"]["export"] = round(export_s, 3)
+    report["timings_s"]["total"] = round(time.perf_counter() - total_start, 3)
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if torch.cuda.is_available():
+        report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    (folder / "calib_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _streamed_source(model: str | None, choice) -> dict[str, str | None]:
+    """Provenance of a streamed source: its public name and a fingerprint of its headers."""
+    from calib.models import _source
+    from calib.modes import headers_fingerprint
+
+    src = _source(model)
+    return {"name": src.public_name, "fingerprint": headers_fingerprint(choice.folder),
+            "revision": None if src.local else choice.folder.name}
+
+
+def _run_data_free(model, recipe: Recipe, *, dtype: str, output: Path, overwrite: bool, folder: Path,
+                   settings: Settings, choice, max_shard_size, progress: bool, total_start: float,
+                   trust_remote_code: bool) -> dict:
+    from calib.stream import quantize_data_free
+
+    source = _streamed_source(model, choice)
+    summary = quantize_data_free(choice.folder, recipe, folder, dtype=dtype, max_shard_size=max_shard_size,
+                                 metadata=provenance(recipe, None, None, source), source_name=source["name"],
+                                 trust_remote_code=trust_remote_code, progress=progress)
+    from calib.estimate import safetensors_stats
+
+    notes = [] if settings.device.type == "cpu" else [
+        f"data-free quantization runs on the CPU (--device {settings.device} is used by calibration only)"]
+    report = _base_report(source["name"], source["fingerprint"], source["revision"], summary.model_class, recipe,
+                          torch.device("cpu"), None, settings.batch_size, 0, 0, summary.unmatched, notes,
+                          choice, {"load": 0.0, "data": 0.0, "calibrate": 0.0},
+                          safetensors_stats(choice.folder).total_bytes)
+    report["planned_on"] = summary.planned_on
+    written = _Written(summary.files, summary.size_after_bytes)
+    return _finish_report(report, folder, output, written, summary.result, summary.quantize_s, summary.export_s,
+                          total_start)
+
+
+@dataclass
+class _Written:
+    files: list[str]
+    total_bytes: int
+
+
+def _run_sequential(model, recipe: Recipe, outline, data: CalibrationSet, *, notes: list[str], data_s: float,
+                    shard_bytes: int, output: Path, overwrite: bool, folder: Path, settings: Settings, choice,
+                    max_shard_size, progress: bool, total_start: float, trust_remote_code: bool) -> dict:
+    from calib.modes import run_sequential
+
+    source = _streamed_source(model, choice)
+    figures = run_sequential(choice, outline, recipe, data, folder, batch_size=settings.batch_size,
+                             device=settings.device, max_shard_bytes=shard_bytes,
+                             metadata=provenance(recipe, data, None, source), source_name=source["name"],
+                             trust_remote_code=trust_remote_code, progress=progress)
+    cal = figures["calibration"]
+    report = _base_report(source["name"], source["fingerprint"], source["revision"],
+                          type(outline.skeleton).__name__, recipe, settings.device, data, settings.batch_size,
+                          cal.tokens, cal.smoothed, cal.plan.unmatched, notes, choice,
+                          {"load": round(figures["build_s"], 3), "data": round(data_s, 3),
+                           "calibrate": round(cal.seconds, 3)}, figures["size_before_bytes"])
+    report["sequential"] = {"layers": figures["layers"], "hidden_states_spilled_to_disk": cal.spilled,
+                            "seconds_per_layer": round(cal.seconds / max(figures["layers"], 1), 3)}
+    return _finish_report(report, folder, output, figures["written"], figures["result"], figures["quantize_s"],
+                          figures["export_s"], total_start)
+
+
+def _run_in_memory(model, recipe: Recipe, dataset, rows, rows_s: float, data: CalibrationSet | None,
+                   notes: list[str], *, dtype: str, allow_pickle: bool,
+                   text_column: str, split: str, packing: str, seed: int, output: Path, overwrite: bool,
+                   folder: Path, settings: Settings, choice, max_shard_size, progress: bool, total_start: float,
+                   trust_remote_code: bool) -> dict:
+    from calib.models import load_model
+
+    target, batch_size = settings.device, settings.batch_size
+    start = time.perf_counter()
+    loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    loaded.model.to(target)
+    load_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if recipe.needs_calibration:
+        if data is None:  # (built already when the mode was chosen on the model's outline)
+            data = _calibration_set(loaded.tokenizer, loaded.model.config, loaded.is_causal_lm, dataset, rows,
+                                    settings, text_column=text_column, split=split, packing=packing, seed=seed,
+                                    notes=notes)
+        recipe = _recorded(recipe, data, batch_size)
+    data_s = time.perf_counter() - start + rows_s
+    tok = loaded.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    calibration = calibrate(loaded.model, recipe, data, batch_size=batch_size, pad_token_id=pad, progress=progress)
+
+    report = _base_report(loaded.public_name, loaded.fingerprint, loaded.revision, type(loaded.model).__name__,
+                          recipe, target, data, batch_size, calibration.tokens, calibration.smoothed,
+                          calibration.plan.unmatched, notes, choice,
+                          {"load": round(load_s, 3), "data": round(data_s, 3),
+                           "calibrate": round(calibration.seconds, 3)}, state_dict_bytes(loaded.model))
+    export(loaded.model, recipe, output, calibration, tokenizer=tok, data=data, max_shard_size=max_shard_size,
+           overwrite=overwrite, report=report, progress=progress, started_at=total_start,
+           source={"name": loaded.public_name, "fingerprint": loaded.fingerprint, "revision": loaded.revision},
+           folder=folder)
     return report

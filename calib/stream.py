@@ -510,6 +510,7 @@ class StreamSummary:
     model_class: str
     ignore: list[str]
     result: QuantizeResult
+    unmatched: list[str] = field(default_factory=list)  # recipe entries that matched no module
 
     def as_report(self) -> dict:
         return {
@@ -644,7 +645,7 @@ def quantize_data_free(model_dir: str | Path, recipe: Recipe | str, output_folde
     return StreamSummary(output=str(output), files=written.files, size_after_bytes=written.total_bytes,
                          num_tensors=written.num_tensors, quantize_s=result.seconds,
                          export_s=max(elapsed - result.seconds, 0.0), planned_on=planned_on, model_class=model_class,
-                         ignore=ignore, result=result)
+                         ignore=ignore, result=result, unmatched=list(plan.unmatched))
 
 
 def _tokenizer_or_none(folder: Path, trust_remote_code: bool):

@@ -299,28 +299,35 @@ def test_existing_output_is_refused_without_overwrite(checkpoints, tinystories_s
     assert (path / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_interrupted_export_leaves_no_checkpoint_and_keeps_the_old_one(tinystories_split, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["in-memory", "auto"])  # auto: int8-w8a16 takes the data-free path
+def test_interrupted_export_leaves_no_checkpoint_and_keeps_the_old_one(mode, tinystories_split, tmp_path,
+                                                                       monkeypatch):
     import importlib
 
     export_module = importlib.import_module("calib.export")  # calib.export is also the function
     out = tmp_path / "ckpt"
-    calib.run(model=str(TINYSTORIES), recipe="int8-w8a16", output=out, progress=False)
+    report = calib.run(model=str(TINYSTORIES), recipe="int8-w8a16", output=out, progress=False, mode=mode)
+    assert report["execution"]["mode"] == ("in-memory" if mode == "in-memory" else "data-free")
     original = (out / "model.safetensors").read_bytes()
     calls = []
 
-    def failing_save(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        return real_save(*args, **kwargs)
+    def failing(real):
+        def call(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt("simulated interruption")
+            return real(*args, **kwargs)
+        return call
 
-    real_save = export_module.save_file
-    monkeypatch.setattr(export_module, "save_file", failing_save)
+    if mode == "in-memory":
+        monkeypatch.setattr(export_module, "save_file", failing(export_module.save_file))
+    else:  # the second tensor written at its offset
+        monkeypatch.setattr(export_module.PlannedWriter, "write", failing(export_module.PlannedWriter.write))
     for target, overwrite in ((tmp_path / "fresh", False), (out, True)):
         calls.clear()
         with pytest.raises(KeyboardInterrupt):
             calib.run(model=str(TINYSTORIES), recipe="int8-w8a16", output=target, max_shard_size="100KB",
-                      overwrite=overwrite, progress=False)
+                      overwrite=overwrite, progress=False, mode=mode)
     assert not (tmp_path / "fresh").exists()
     assert (out / "model.safetensors").read_bytes() == original  # the old checkpoint is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no partial directories left behind

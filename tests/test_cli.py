@@ -232,12 +232,9 @@ def test_ctrl_c_and_sigterm_mid_calibration_exit_cleanly(sig, code, tmp_path):
     assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
 
 
-def test_ctrl_c_while_writing_the_checkpoint_exits_130_without_traceback(tmp_path):
-    """The interrupt arrives while shards are being written (injected when writing starts)."""
-    script = (
-        "import os, signal, sys\n"
-        "import calib.pipeline as p\n"
-        "from calib.cli import main\n"
+INTERRUPT_WRITES = {
+    # in memory: the tensor stream handed to write_tensors
+    "--in-memory": (
         "real = p.write_tensors\n"
         "def interrupted(folder, tensors, *a, **k):\n"
         "    def stream():\n"
@@ -246,9 +243,33 @@ def test_ctrl_c_while_writing_the_checkpoint_exits_130_without_traceback(tmp_pat
         "                os.kill(os.getpid(), signal.SIGINT)\n"
         "            yield item\n"
         "    return real(folder, stream(), *a, **k)\n"
-        "p.write_tensors = interrupted\n"
+        "p.write_tensors = interrupted\n"),
+    # data-free: the sixth tensor written at its offset, from a writer thread
+    "data-free": (
+        "import importlib\n"
+        "e = importlib.import_module('calib.export')\n"
+        "real = e.PlannedWriter.write\n"
+        "count = []\n"
+        "def interrupted(self, name, tensor):\n"
+        "    count.append(name)\n"
+        "    if len(count) == 6:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return real(self, name, tensor)\n"
+        "e.PlannedWriter.write = interrupted\n"),
+}
+
+
+@pytest.mark.parametrize("how", sorted(INTERRUPT_WRITES))
+def test_ctrl_c_while_writing_the_checkpoint_exits_130_without_traceback(how, tmp_path):
+    """The interrupt arrives while shards are being written (injected when writing starts)."""
+    flag = ", '--in-memory'" if how == "--in-memory" else ""
+    script = (
+        "import os, signal, sys\n"
+        "import calib.pipeline as p\n"
+        "from calib.cli import main\n"
+        + INTERRUPT_WRITES[how] +
         f"sys.exit(main(['run', '--model', {str(TINYSTORIES)!r}, '--recipe', 'int8-w8a8-dynamic',"
-        " '--output', 'o', '--max-shard-size', '10KB']))\n"
+        f" '--output', 'o', '--max-shard-size', '10KB'{flag}]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
