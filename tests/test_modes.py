@@ -176,3 +176,39 @@ def test_dry_run_names_the_mode_and_writes_nothing(wide_llama, tmp_path, capsys,
     out = capsys.readouterr().out
     assert code == 0 and "mode        sequential" in out and "below the least sequential" in out
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def family_folders(tmp_path_factory) -> dict[str, Path]:
+    from test_native_names import FAMILIES, auto_class
+
+    root = tmp_path_factory.mktemp("family-models")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(TINYSTORIES))
+    out = {}
+    for family, make in FAMILIES.items():
+        torch.manual_seed(0)
+        auto_class(family).from_config(make()).save_pretrained(root / family)
+        tokenizer.save_pretrained(root / family)
+        out[family] = root / family
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "phi3", "opt", "gpt_neox", "bert"])
+def test_every_family_writes_the_same_checkpoint_sequentially(family, family_folders, tmp_path):
+    """Source names plus scales, in both modes, for the whole architecture matrix
+    (GPT-NeoX's head stays ``embed_out``, BERT keeps its prefix-free names)."""
+    folder = family_folders[family]
+    recipe = "fp8-static-kv" if family in ("llama", "qwen2") else "fp8-static"
+    whole = calib.run(model=str(folder), recipe=recipe, dataset=str(TINYSTORIES_TEXT), output=tmp_path / "whole",
+                      num_samples=6, seq_len=32, batch_size=3, progress=False, mode="in-memory")
+    seq = calib.run(model=str(folder), recipe=recipe, dataset=str(TINYSTORIES_TEXT), output=tmp_path / "seq",
+                    num_samples=6, seq_len=32, batch_size=3, progress=False, mode="sequential")
+    assert seq["execution"]["mode"] == "sequential" and seq["layers_quantized"] == whole["layers_quantized"] > 0
+    assert_same_checkpoint(tmp_path / "whole", tmp_path / "seq")
+    source = file_tensors(folder)
+    out = file_tensors(tmp_path / "seq")
+    assert set(out) - set(source) == {n for n in out if n.endswith(SCALES)}
+    assert set(source) - set(out) == set()
+    for name in source:
+        if not name.endswith(".weight") or f"{name[:-len('.weight')]}.weight_scale" not in out:
+            assert raw(out[name]) == raw(source[name]), name  # untouched: byte for byte
