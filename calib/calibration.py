@@ -57,6 +57,25 @@ def _forward_kwargs(model: nn.Module, plan: Plan, kv: bool, session) -> dict:
     return kwargs
 
 
+def input_groups(plan: Plan, recipe: Recipe, calibration: Calibration) -> list[InputGroup]:
+    """One observer per group of targeted modules that read the same input (fused
+    siblings share one), for static activation recipes; registered in
+    ``calibration.input_observers`` under every member's name."""
+    groups: list[InputGroup] = []
+    acts = recipe.input_activations
+    if acts is not None and not acts.dynamic:
+        done: set[str] = set()
+        for name in plan.targets:
+            if name in done:
+                continue
+            members = plan.group_of(name)
+            done.update(members)
+            group = InputGroup(names=members, observer=make_observer(acts.observer, acts.observer_kwargs))
+            groups.append(group)
+            calibration.input_observers.update({m: group.observer for m in members})
+    return groups
+
+
 def calibrate(model: nn.Module, recipe: Recipe, data: CalibrationSet | None, batch_size: int = 8,
               pad_token_id: int = 0, progress: bool = True) -> Calibration:
     """Run the calibration set through the model with observers attached.
@@ -72,18 +91,7 @@ def calibrate(model: nn.Module, recipe: Recipe, data: CalibrationSet | None, bat
         return calibration
     if data is None or not data.samples:
         raise CalibInputError(f"recipe {recipe.name!r} has static scales and needs calibration data")
-    groups: list[InputGroup] = []
-    acts = recipe.input_activations
-    if acts is not None and not acts.dynamic:
-        done: set[str] = set()
-        for name in plan.targets:
-            if name in done:
-                continue
-            members = plan.group_of(name)
-            done.update(members)
-            group = InputGroup(names=members, observer=make_observer(acts.observer, acts.observer_kwargs))
-            groups.append(group)
-            calibration.input_observers.update({m: group.observer for m in members})
+    groups = input_groups(plan, recipe, calibration)
     if recipe.kv_cache is not None:
         calibration.kv_observers = {i: (Observer(), Observer()) for i in plan.attention}
 

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from calib.errors import CalibInputError
+from calib.export import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -119,27 +120,16 @@ def copy_file_bytes(src_fd: int, src_offset: int, length: int, dst_fd: int, dst_
 
 
 @dataclass(frozen=True, eq=False)
-class RawTensor:
+class RawTensor(TensorSpec):
     """A tensor to be written with exactly the bytes its source holds: from a
     file region (copied file to file, never through a torch tensor) or from a
     tensor in memory. It quacks like a tensor for the shape/dtype questions a
-    safetensors writer asks."""
+    safetensors writer asks (``dtype``, ``shape``, ``numel()``, ``element_size()``)."""
 
-    dtype: torch.dtype
-    shape: tuple[int, ...]
     path: str | None = None  # file-backed: the file, and where the bytes start
     offset: int = 0
     tensor: torch.Tensor | None = field(default=None, repr=False)  # memory-backed
     source: "SafetensorsSource | None" = field(default=None, repr=False, compare=False)
-
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
 
     @property
     def nbytes(self) -> int:
@@ -309,10 +299,33 @@ class SafetensorsSource:
             fd = self._fds.get(path)
             if fd is None:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                if hasattr(os, "posix_fadvise"):  # read in order: a larger read-ahead
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         yield fd
 
-    def _read(self, path: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        tensor = torch.empty(shape, dtype=dtype)
+    def will_need(self, name: str) -> None:
+        """Ask the kernel to start reading a tensor's bytes now (``POSIX_FADV_WILLNEED``),
+        so the disk works while the tensors before it are computed."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        entry = self._entry(name)
+        if entry.nbytes:
+            with self.fd(entry.path) as fd:
+                os.posix_fadvise(fd, entry.offset, entry.nbytes, os.POSIX_FADV_WILLNEED)
+
+    def read_into(self, name: str, buffer: torch.Tensor) -> torch.Tensor:
+        """The tensor read into ``buffer`` (a uint8 tensor of at least its size):
+        a view of the buffer, valid until the buffer is reused. Reusing buffers
+        spares the kernel faulting in and zeroing fresh pages for every tensor."""
+        entry = self._entry(name)
+        if buffer.dtype != torch.uint8 or buffer.numel() < entry.nbytes:
+            raise ValueError(f"buffer of {buffer.numel()} bytes is too small for {name} ({entry.nbytes} bytes)")
+        tensor = buffer[:entry.nbytes].view(entry.dtype).reshape(entry.shape)
+        return self._read(entry.path, entry.offset, entry.dtype, entry.shape, out=tensor)
+
+    def _read(self, path: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        tensor = torch.empty(shape, dtype=dtype) if out is None else out
         if not tensor.numel():
             return tensor
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

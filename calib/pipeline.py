@@ -237,6 +237,7 @@ def dry_run(
     from calib.estimate import (default_budget_bytes, forward_workspace_bytes, human, module_stats, parse_memory,
                                 safetensors_stats)
     from calib.models import model_outline
+    from calib.modes import choose_mode
 
     settings = _settings(recipe, num_samples, seq_len, batch_size, packing, device)
     recipe = settings.recipe
@@ -249,20 +250,9 @@ def dry_run(
     warnings += [f"recipe {entry} matches no module of this model" for entry in plan.unmatched]
     seq_len, data = settings.seq_len, None
     if recipe.needs_calibration:
-        context = getattr(outline.config, "max_position_embeddings", None)
-        if isinstance(context, int) and 0 < context < seq_len:
-            warnings.append(f"seq_len {seq_len} exceeds the model's context ({context} positions): the run "
-                            f"calibrates on {context}-token samples")
-            seq_len = context
-        packed = outline.is_causal_lm if packing == "auto" else packing == "pack"
-        data = build_calibration_set(outline.tokenizer, dataset, num_samples=settings.num_samples, seq_len=seq_len,
-                                     text_column=text_column, split=split, packed=packed, seed=seed, rows=rows,
-                                     warn_short=settings.samples_asked)
-        if len(data.samples) < settings.num_samples and settings.samples_asked:
-            warnings.append(f"the dataset gives {len(data.samples)} samples of {seq_len} tokens; "
-                            f"{settings.num_samples} were asked for")
-    from calib.modes import choose_mode
-
+        data = _calibration_set(outline.tokenizer, outline.config, outline.is_causal_lm, dataset, rows, settings,
+                                text_column=text_column, split=split, packing=packing, seed=seed, notes=warnings)
+        seq_len = data.seq_len
     in_memory = module_stats(outline.skeleton, outline.load_dtype)
     on_disk = safetensors_stats(outline.folder) if outline.folder is not None else None
     element = outline.load_dtype.itemsize

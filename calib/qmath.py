@@ -121,22 +121,38 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
     return (x * scale.to(torch.float32)).to(dtype)
 
 
+AMAX_BLOCK_ELEMENTS = 1 << 18  # rows reduced together: |w| of a block stays in the CPU's cache
+
+
 def amax_per_strategy(w: torch.Tensor, strategy: str, group_size: int | None = None) -> torch.Tensor:
     """``max |w|`` reduced to the scale shape of a weight ``[out, in]``.
 
     tensor -> ``[1]``; channel -> ``[out, 1]``; group -> ``[out, in / group_size]``.
+    On the CPU the rows are reduced a cache-sized block at a time (the maximum is
+    exact in any order, so the values are those of the whole-tensor reduction).
     """
-    a = w.detach().abs()
+    w = w.detach()
+    if strategy not in ("tensor", "channel", "group"):
+        raise ValueError(f"no weight scales for strategy {strategy!r}")
+    if strategy == "group" and (group_size is None or w.shape[-1] % group_size):
+        raise ValueError(f"input dim {w.shape[-1]} is not divisible by group_size {group_size}")
+    if w.dim() != 2 or w.device.type != "cpu" or w.numel() <= AMAX_BLOCK_ELEMENTS:
+        return _amax_rows(w, strategy, group_size)
+    step = max(1, AMAX_BLOCK_ELEMENTS // max(w.shape[1], 1))
+    parts = [_amax_rows(w[i:i + step], strategy, group_size) for i in range(0, w.shape[0], step)]
+    if strategy == "tensor":
+        return torch.stack(parts).amax().reshape(1)
+    return torch.cat(parts)
+
+
+def _amax_rows(w: torch.Tensor, strategy: str, group_size: int | None) -> torch.Tensor:
+    a = w.abs()
     if strategy == "tensor":
         return a.amax().reshape(1).to(torch.float32)
     if strategy == "channel":
         return a.amax(dim=1, keepdim=True).to(torch.float32)
-    if strategy == "group":
-        out, cols = w.shape
-        if group_size is None or cols % group_size:
-            raise ValueError(f"input dim {cols} is not divisible by group_size {group_size}")
-        return a.reshape(out, cols // group_size, group_size).amax(dim=2).to(torch.float32)
-    raise ValueError(f"no weight scales for strategy {strategy!r}")
+    out, cols = w.shape
+    return a.reshape(out, cols // group_size, group_size).amax(dim=2).to(torch.float32)
 
 
 def expand_scale(scale: torch.Tensor, shape: torch.Size, strategy: str, group_size: int | None) -> torch.Tensor:

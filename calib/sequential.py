@@ -50,14 +50,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calib.algorithms.smoothquant import SmoothPair, apply_smoothing, smoothing_pairs, smoothing_scales
-from calib.calibration import Calibration, _forward_kwargs
+from calib.calibration import Calibration, _forward_kwargs, input_groups
 from calib.data import CalibrationSet
 from calib.errors import CalibInputError
 from calib.estimate import RUNTIME_OVERHEAD, forward_workspace_bytes, human
 from calib.hooks import InputGroup, observe, observing_cache
 from calib.layers import DecoderLayers, LoadWeights, Units, canonical_names, find_decoder_layers, materialise, \
     tensor_slots, unit_bytes, units
-from calib.observers import ChannelMaxObserver, Observer, make_observer
+from calib.observers import ChannelMaxObserver, Observer
 from calib.quantize import Plan, plan_for
 from calib.recipe import Recipe
 
@@ -442,23 +442,6 @@ class _Walk:
         return _forward_kwargs(self.model, self.plan, kv, session)
 
 
-def _input_groups(plan: Plan, recipe: Recipe, calibration: Calibration) -> list[InputGroup]:
-    """The observer groups, built exactly as :func:`calib.calibration.calibrate` builds them."""
-    groups: list[InputGroup] = []
-    acts = recipe.input_activations
-    if acts is not None and not acts.dynamic:
-        done: set[str] = set()
-        for name in plan.targets:
-            if name in done:
-                continue
-            members = plan.group_of(name)
-            done.update(members)
-            group = InputGroup(names=members, observer=make_observer(acts.observer, acts.observer_kwargs))
-            groups.append(group)
-            calibration.input_observers.update({m: group.observer for m in members})
-    return groups
-
-
 def _streams(model: nn.Module, recipe: Recipe, plan: Plan, layout: DecoderLayers,
              result: SequentialCalibration) -> list[_Stream]:
     """The SmoothQuant stream (unsmoothed model, per-channel ranges), then the
@@ -478,7 +461,7 @@ def _streams(model: nn.Module, recipe: Recipe, plan: Plan, layout: DecoderLayers
         streams.append(_Stream("smoothquant", kv=False, groups=groups, pairs=list(zip(pairs, groups)),
                                last_layer=max(layout.layer_of(p.producer) for p in pairs)))
         result.smoothed = len(pairs)
-    groups = _input_groups(plan, recipe, result)
+    groups = input_groups(plan, recipe, result)
     if recipe.kv_cache is not None:
         result.kv_observers = {i: (Observer(), Observer()) for i in plan.attention}
     if groups or result.kv_observers:

@@ -238,9 +238,14 @@ class CheckpointQuantizer:
 
     # --- computing
 
-    def load(self, item: _Item) -> torch.Tensor:
-        """A source tensor as the model in memory holds it: cast, then transformed."""
-        tensor = self.source.get(item.source_name)
+    def reads(self, item: _Item) -> bool:
+        """Whether computing ``item`` reads its source tensor into memory (a raw copy does not)."""
+        return item.kind in ("cast", "quantize") or (item.kind == "copy" and not self.raw_copies)
+
+    def load(self, item: _Item, stored: torch.Tensor | None = None) -> torch.Tensor:
+        """A source tensor as the model in memory holds it: cast, then transformed
+        (``stored``: the source tensor, already read)."""
+        tensor = stored if stored is not None else self.source.get(item.source_name)
         if tensor.dtype != item.dtype:
             tensor = tensor.to(item.dtype)
         for transform in item.transforms:
@@ -264,17 +269,19 @@ class CheckpointQuantizer:
                 top = torch.stack(amaxes).max()
                 self.shared_amax.update({member: top.reshape(1) for member in group})
 
-    def compute(self, item: _Item, result: QuantizeResult) -> list[tuple[str, torch.Tensor]]:
-        """The item's output tensors (``result`` gets its layer statistics)."""
+    def compute(self, item: _Item, result: QuantizeResult,
+                stored: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor]]:
+        """The item's output tensors (``result`` gets its layer statistics;
+        ``stored``: its source tensor, already read)."""
         if item.kind == "copy":
             if self.raw_copies:
                 return [(item.source_name, self.source.raw(item.source_name))]
-            return [(item.source_name, self.source.get(item.source_name))]
+            return [(item.source_name, stored if stored is not None else self.source.get(item.source_name))]
         if item.kind == "cast":
-            return [(item.source_name, self.load(item))]
+            return [(item.source_name, self.load(item, stored))]
         start = time.perf_counter()
         if item.kind == "quantize":
-            weight = self.load(item)
+            weight = self.load(item, stored)
             prefix = item.outputs[0][0].rpartition(".")[0]
             tensors = list(_quantize_layer(item.target, weight, self.recipe, self.input_amax, self.shared_amax,
                                            self.input_observers, result, prefix=prefix))
@@ -319,7 +326,8 @@ def quantized_stream(
     and before anything else. ``dtype``: one dtype for every float16/bfloat16/
     float32/float64 tensor, or module key -> dtype
     (:func:`calib.checkpoint.module_dtypes` of the model that was calibrated:
-    exact also for modules a model keeps in float32), or None (as stored). Untouched tensors are yielded as read (or as a
+    exact also for modules a model keeps in float32), or None (as stored).
+    Untouched tensors are yielded as read (or as a
     :class:`~calib.checkpoint.RawTensor` with ``raw_copies``). Errors (a module
     that saw no tokens, NaN/Inf weights of fused groups) are raised before the
     first tensor is yielded.
@@ -350,7 +358,8 @@ def write_checkpoint(folder: str | Path, source: TensorSource, name_map: NameMap
                      input_observers: Mapping[str, Observer] | None = None,
                      kv_observers: Mapping[int, tuple[Observer, Observer]] | None = None,
                      transforms: Mapping[str, object] | None = None,
-                     dtype: torch.dtype | Mapping[str, torch.dtype] | None = None, metadata: Mapping[str, str] | None = None, max_shard_size: int = 5 * 10**9,
+                     dtype: torch.dtype | Mapping[str, torch.dtype] | None = None,
+                     metadata: Mapping[str, str] | None = None, max_shard_size: int = 5 * 10**9,
                      workers: int = 1, result: QuantizeResult | None = None, progress: bool = False):
     """Write :func:`quantized_stream`'s tensors into ``folder`` (shards + index)
     with :class:`calib.export.PlannedWriter`: the layout is fixed first (its size
@@ -372,9 +381,15 @@ def write_checkpoint(folder: str | Path, source: TensorSource, name_map: NameMap
     writer = PlannedWriter(folder, layout, dict(metadata or {}), max_shard_size)
     per_item = [QuantizeResult() for _ in work.items]
 
-    def run(item: _Item) -> None:
-        for name, tensor in work.compute(item, per_item[item.index]):
-            writer.write(name, tensor)
+    buffers = _Buffers()
+
+    def run(item: _Item, stored: torch.Tensor | None = None, buffer: torch.Tensor | None = None) -> None:
+        try:
+            for name, tensor in work.compute(item, per_item[item.index], stored):
+                writer.write(name, tensor)
+        finally:
+            if buffer is not None:
+                buffers.give(buffer)
 
     try:
         with tqdm(total=len(work.items), desc="quantize+write", unit="tensor", disable=not progress) as bar:
@@ -383,17 +398,30 @@ def write_checkpoint(folder: str | Path, source: TensorSource, name_map: NameMap
                     run(item)
                     bar.update()
             else:
+                # This thread reads the source tensors in file order (one sequential stream for the
+                # disk) while the workers quantize and write; in flight: at most 2 per worker and
+                # about PREFETCH_BYTES of read tensors (always at least one).
                 with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="calib-write") as pool:
-                    pending = set()
+                    pending: dict = {}  # future -> bytes it holds
                     try:
                         for item in work.items:
-                            if len(pending) >= 2 * workers:  # bounded: memory stays a few tensors per worker
-                                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                            size = _item_bytes(work, item)
+                            while pending and (len(pending) >= 2 * workers
+                                               or sum(pending.values()) + size > PREFETCH_BYTES):
+                                done, _ = wait(pending, return_when=FIRST_COMPLETED)
                                 for future in done:
+                                    pending.pop(future)
                                     future.result()
                                     bar.update()
-                            pending.add(pool.submit(run, item))
-                        for future in pending:
+                            stored = buffer = None
+                            if work.reads(item) and hasattr(work.source, "read_into"):
+                                buffer = buffers.take(size)
+                                stored = work.source.read_into(item.source_name, buffer)
+                            elif work.reads(item):
+                                stored = work.source.get(item.source_name)
+                            pending[pool.submit(run, item, stored, buffer)] = size
+                            del stored, buffer
+                        for future in list(pending):
                             future.result()
                             bar.update()
                     except BaseException:
@@ -408,6 +436,40 @@ def write_checkpoint(folder: str | Path, source: TensorSource, name_map: NameMap
         result.kv_scales.update(part.kv_scales)
         result.seconds += part.seconds
     return writer.close()
+
+
+PREFETCH_BYTES = 512 * 2**20  # source tensors read ahead of the workers, at most (one larger tensor alone)
+
+
+class _Buffers:
+    """Reusable read buffers (uint8), at most PREFETCH_BYTES of them kept."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            if fits:  # the smallest that fits (tensors compare elementwise: pick by index)
+                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(buffer)
+            self._free.sort(key=lambda b: -b.numel())
+            while sum(b.numel() for b in self._free) > PREFETCH_BYTES and len(self._free) > 1:
+                self._free.pop()  # the smallest goes
+
+
+def _item_bytes(work: CheckpointQuantizer, item: _Item) -> int:
+    if not work.reads(item):
+        return 0
+    dtype, shape = work.source.info(item.source_name)
+    return _numel(shape) * dtype.itemsize
 
 
 def _numel(shape) -> int:
@@ -504,8 +566,8 @@ class StreamSummary:
     files: list[str]
     size_after_bytes: int
     num_tensors: int
-    quantize_s: float
-    export_s: float
+    quantize_s: float  # quantizing and writing the tensors (they overlap, in worker threads): wall time
+    export_s: float  # the rest: planning, config and side files
     planned_on: str  # "skeleton" (transformers' model class on meta) or "names" (plan_by_name)
     model_class: str
     ignore: list[str]
@@ -623,9 +685,11 @@ def quantize_data_free(model_dir: str | Path, recipe: Recipe | str, output_folde
             planned_on, model_class = "names", str((config.get("architectures") or ["?"])[0])
         ignore = checkpoint_ignore(recipe, plan, name_map)
         result = QuantizeResult()
+        write_start = time.perf_counter()
         written = write_checkpoint(output, source, name_map, plan, recipe, dtype=cast, metadata=metadata or {},
                                    max_shard_size=shard_bytes, workers=workers or default_workers(), result=result,
                                    progress=progress)
+        write_s = time.perf_counter() - write_start
     finally:
         source.close()
     qconfig = recipe.to_quantization_config(ignore=ignore)
@@ -643,8 +707,8 @@ def quantize_data_free(model_dir: str | Path, recipe: Recipe | str, output_folde
                 shutil.copyfile(folder / name, output / name)
     elapsed = time.perf_counter() - start
     return StreamSummary(output=str(output), files=written.files, size_after_bytes=written.total_bytes,
-                         num_tensors=written.num_tensors, quantize_s=result.seconds,
-                         export_s=max(elapsed - result.seconds, 0.0), planned_on=planned_on, model_class=model_class,
+                         num_tensors=written.num_tensors, quantize_s=write_s,
+                         export_s=max(elapsed - write_s, 0.0), planned_on=planned_on, model_class=model_class,
                          ignore=ignore, result=result, unmatched=list(plan.unmatched))
 
 

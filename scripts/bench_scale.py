@@ -13,10 +13,15 @@ Parts (``--parts``, default all):
     (auto mode picks sequential): peak RSS, checkpoint size, time per layer.
   - data-free ``fp8-dynamic``: its wall time divided by the time of copying the
     model folder (``cp -r``) on the same disk, the copy and the run interleaved
-    (copy, calib, copy, calib ...) so both see the same page-cache state.
+    (copy, calib, copy, calib ...); with ``--cold`` the page cache is emptied
+    before each, so both read the model from the disk. Wall times run to the end
+    of a ``sync``: what was written is on the disk.
 * ``1b``: a ~1.1B Llama (TinyLlama's shapes) in bf16, ``fp8-static`` on the same
   data, ``--in-memory`` and ``--sequential`` interleaved: the ratios of their peak
-  RSS and wall times, and that they wrote identical tensors.
+  RSS and wall times, and that they wrote identical tensors; and llm-compressor's
+  ``oneshot`` (preset FP8, bf16, the same sample count and length, its timed part
+  only: ``scripts/llmcompressor_reference.py --timing-only``) in its own venv
+  (``--llmc-python``), interleaved with them, where it is installed.
 
 Usage::
 
@@ -44,8 +49,20 @@ WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 GiB = 2**30
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+COLD = {"on": False}  # --cold: every timed copy and calib run starts with an empty page cache
+
+
+def drop_caches() -> None:
+    os.sync()
+    DROP_CACHES.write_text("3\n")
+
+
 def timed(cmd: list[str], env: dict | None = None, log: Path | None = None) -> dict:
-    """Run ``cmd``; wall seconds and the child's own peak RSS (bytes)."""
+    """Run ``cmd`` (after emptying the page cache with --cold); wall seconds, to
+    the end of ``sync``, and the child's own peak RSS (bytes)."""
+    if COLD["on"]:
+        drop_caches()
     start = time.perf_counter()
     out = open(log, "w") if log else subprocess.DEVNULL
     try:
@@ -54,6 +71,7 @@ def timed(cmd: list[str], env: dict | None = None, log: Path | None = None) -> d
     finally:
         if log:
             out.close()
+    os.sync()  # what was written is on the disk: copy and calib alike
     wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
@@ -112,7 +130,6 @@ def copy_run(model: Path, dest: Path) -> dict:
     if dest.exists():
         shutil.rmtree(dest)
     result = timed(["cp", "-r", str(model), str(dest)])
-    os.sync()
     shutil.rmtree(dest)
     return result
 
@@ -169,23 +186,49 @@ def part_7b(workdir: Path, repeats: int) -> dict:
     return out
 
 
-def part_1b(workdir: Path, repeats: int) -> dict:
+def llmc_run(python: Path, model: Path, out: Path) -> dict:
+    """llm-compressor's ``oneshot`` (preset FP8) on the same model, data sizes and dtype, timed part only."""
+    if out.exists():
+        shutil.rmtree(out)
+    text = calib_text(out.parent)
+    cmd = [str(python), str(ROOT / "scripts" / "llmcompressor_reference.py"), "--model", str(model), "--scheme",
+           "fp8-static", "--calib-text", str(text), "--heldout-text", str(text), "--samples", "32", "--seq-len",
+           "512", "--batch-size", "8", "--dtype", "bfloat16", "--timing-only", "--output", str(out),
+           "--json", str(out.parent / f"{out.name}.json")]
+    result = timed(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1"), log=out.parent / f"{out.name}.log")
+    result.update(checkpoint_bytes=folder_bytes(out),
+                  reference=json.loads((out.parent / f"{out.name}.json").read_text()))
+    shutil.rmtree(out)
+    return result
+
+
+def part_1b(workdir: Path, repeats: int, llmc_python: Path | None) -> dict:
     model = ensure_model(workdir, "llama-1b")
     runs = {"in-memory": [], "sequential": []}
+    if llmc_python is not None:
+        runs["llm-compressor"] = []
     for i in range(repeats):
         last = i == repeats - 1
-        for mode in ("in-memory", "sequential"):
-            runs[mode].append(calib_run(model, workdir / f"out-1b-{mode}", "fp8-static", f"--{mode}", keep=last))
+        for mode in runs:
+            if mode == "llm-compressor":
+                runs[mode].append(llmc_run(llmc_python, model, workdir / "out-1b-llmc"))
+            else:
+                runs[mode].append(calib_run(model, workdir / f"out-1b-{mode}", "fp8-static", f"--{mode}",
+                                            keep=last))
             print(f"  1B {mode}: {runs[mode][-1]['wall_s']:.0f} s, peak RSS "
                   f"{runs[mode][-1]['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
     identical = same_tensors(workdir / "out-1b-in-memory", workdir / "out-1b-sequential")
-    for mode in runs:
+    for mode in ("in-memory", "sequential"):
         shutil.rmtree(workdir / f"out-1b-{mode}")
     best = {m: min(r, key=lambda x: x["wall_s"]) for m, r in runs.items()}
     rss = {m: min(x["peak_rss_bytes"] for x in r) for m, r in runs.items()}
-    return {"model_bytes": folder_bytes(model), "runs": runs, "identical_tensors": identical,
-            "rss_ratio": round(rss["sequential"] / rss["in-memory"], 3),
-            "time_ratio": round(best["sequential"]["wall_s"] / best["in-memory"]["wall_s"], 3)}
+    out = {"model_bytes": folder_bytes(model), "runs": runs, "identical_tensors": identical,
+           "rss_ratio": round(rss["sequential"] / rss["in-memory"], 3),
+           "time_ratio": round(best["sequential"]["wall_s"] / best["in-memory"]["wall_s"], 3)}
+    if llmc_python is not None:
+        out["llmc_over_sequential_time"] = round(best["llm-compressor"]["wall_s"] / best["sequential"]["wall_s"], 3)
+        out["llmc_over_sequential_rss"] = round(rss["llm-compressor"] / rss["sequential"], 3)
+    return out
 
 
 def table(results: dict) -> str:
@@ -212,6 +255,10 @@ def table(results: dict) -> str:
             rss = min(x["peak_rss_bytes"] for x in runs)
             note = (f"RSS **{r['rss_ratio']}x**, time **{r['time_ratio']}x** in-memory; identical tensors: "
                     f"{r['identical_tensors']}") if mode == "sequential" else ""
+            if mode == "llm-compressor":
+                version = runs[-1]["reference"].get("version")
+                note = (f"llmcompressor {version} oneshot, bf16: time {r['llmc_over_sequential_time']}x, RSS "
+                        f"{r['llmc_over_sequential_rss']}x calib sequential")
             rows.append(f"| Llama ~1.1B, bf16 ({r['model_bytes'] / 1e9:.1f} GB) | fp8-static, 32 x 512 | {mode} | "
                         f"{best['wall_s']:.0f} | {rss / GiB:.2f} | {best['checkpoint_bytes'] / 1e9:.2f} | {note} |")
     return "\n".join(rows)
@@ -223,11 +270,27 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=["7b", "1b"], default=["1b", "7b"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--cold", action="store_true",
+                        help="empty the page cache before every timed run (needs root: /proc/sys/vm/drop_caches), "
+                        "so copy and calib both read from the disk")
+    parser.add_argument("--llmc-python", type=Path, default=ROOT.parent / "llmc-venv" / "bin" / "python",
+                        help="python of llm-compressor's own venv (see scripts/llmcompressor_reference.py); "
+                        "skipped when missing")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = {"machine": {"cpus": len(os.sched_getaffinity(0)), "python": sys.version.split()[0]}}
+    if args.cold:
+        try:
+            drop_caches()
+        except OSError as exc:
+            raise SystemExit(f"--cold needs to write {DROP_CACHES}: {exc}") from None
+        COLD["on"] = True
+    results = {"machine": {"cpus": len(os.sched_getaffinity(0)), "python": sys.version.split()[0]},
+               "page_cache": "emptied before every timed run" if args.cold else "as the previous run left it"}
     if "1b" in args.parts:
-        results["1b"] = part_1b(args.workdir, args.repeats)
+        llmc = args.llmc_python if args.llmc_python.is_file() else None
+        if llmc is None:
+            print(f"no llm-compressor at {args.llmc_python}: its row is skipped", flush=True)
+        results["1b"] = part_1b(args.workdir, args.repeats, llmc)
     if "7b" in args.parts:
         results["7b"] = part_7b(args.workdir, args.repeats)
     if args.json:

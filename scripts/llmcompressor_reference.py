@@ -242,6 +242,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="directory for the quantized checkpoint")
     p.add_argument("--json", help="also write the result to this file")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype the timed run loads the model in (default float32)")
+    p.add_argument("--timing-only", action="store_true",
+                   help="only the timed part (load + data + oneshot + save): no FP32 evaluation, no plain "
+                   "forward, no reload (for the scale benchmark's memory and time figures)")
     return p.parse_args(argv)
 
 
@@ -254,9 +259,6 @@ def main(argv=None) -> dict:
     auto_cls = AutoModelForCausalLM if causal else AutoModel
     calib_text, heldout_text = read_texts(args.calib_text, args.heldout_text, args.split)
 
-    # 1. FP32 reference quality (not timed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    fp32 = auto_cls.from_pretrained(args.model, dtype=torch.float32)
     result: dict = {
         "tool": "llm-compressor",
         "version": llmcompressor.__version__,
@@ -273,26 +275,53 @@ def main(argv=None) -> dict:
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
     }
+    make_set = causal_calibration_set if causal else encoder_calibration_set
+    if not args.timing_only:
+        reference_quality(args, result, causal, auto_cls, calib_text, heldout_text, make_set)
+    timed_oneshot(args, result, auto_cls, calib_text, make_set)
+    if not args.timing_only:
+        loaded_quality(args, result, causal, auto_cls)
+    result["output"] = args.output
+    result["import_s"] = round(_IMPORT_S, 3)
+    result["script_s"] = round(time.perf_counter() - _T_START, 3)
+
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    return result
+
+
+_HELD: dict = {}  # what the quality steps share: held-out ids or sentences, the FP32 reference, the model
+
+
+def reference_quality(args, result, causal, auto_cls, calib_text, heldout_text, make_set) -> None:
+    """1. FP32 reference quality and a plain forward over the calibration set (not timed)."""
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    fp32 = auto_cls.from_pretrained(args.model, dtype=torch.float32)
     if causal:
-        heldout_ids = token_ids(tokenizer, heldout_text)
+        _HELD["ids"] = token_ids(tokenizer, heldout_text)
         result["ppl_fp32"], result["ppl_tokens"] = perplexity(
-            fp32, heldout_ids, args.seq_len, args.ppl_windows)
+            fp32, _HELD["ids"], args.seq_len, args.ppl_windows)
         result["ppl_windows"] = args.ppl_windows
     else:
-        eval_sents = sentences(heldout_text)[: args.eval_sentences]
-        ref = mean_pooled(fp32, tokenizer, eval_sents, args.seq_len)
+        _HELD["sentences"] = sentences(heldout_text)[: args.eval_sentences]
+        _HELD["tokenizer"] = tokenizer
+        _HELD["ref"] = mean_pooled(fp32, tokenizer, _HELD["sentences"], args.seq_len)
         result["ppl_fp32"] = None
     # A plain FP32 forward over the calibration set, batched as oneshot batches it: the
     # denominator of "calibration overhead" (oneshot_s / calib_forward_s).
-    make_set = causal_calibration_set if causal else encoder_calibration_set
     result["calib_forward_s"] = round(
         forward_time(fp32, make_set(tokenizer, calib_text, args.samples, args.seq_len), args.batch_size), 3)
-    del fp32
 
-    # 2. timed: load + calibration data + oneshot + save
+
+def timed_oneshot(args, result, auto_cls, calib_text, make_set) -> None:
+    """2. Timed: load + calibration data + oneshot + save."""
     t0 = time.perf_counter()
-    model = auto_cls.from_pretrained(args.model, dtype=torch.float32)
+    model = auto_cls.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     t_load = time.perf_counter()
     calib_set = make_set(tokenizer, calib_text, args.samples, args.seq_len)
@@ -320,32 +349,28 @@ def main(argv=None) -> dict:
         save_s=round(t_save - t_oneshot, 3),
         total_s=round(t_save - t0, 3),
     )
+    _HELD["model"] = model
 
-    # 3. quality of the in-memory model and of the checkpoint loaded back
+
+def loaded_quality(args, result, causal, auto_cls) -> None:
+    """3. Quality of the in-memory model and of the checkpoint loaded back."""
     t_eval = time.perf_counter()
+    model = _HELD["model"]
     loaded = auto_cls.from_pretrained(args.output)
     if causal:
-        result["ppl_quant_in_memory"], _ = perplexity(model, heldout_ids, args.seq_len, args.ppl_windows)
-        result["ppl_quant"], _ = perplexity(loaded, heldout_ids, args.seq_len, args.ppl_windows)
+        ids = _HELD["ids"]
+        result["ppl_quant_in_memory"], _ = perplexity(model, ids, args.seq_len, args.ppl_windows)
+        result["ppl_quant"], _ = perplexity(loaded, ids, args.seq_len, args.ppl_windows)
         result["ratio"] = result["ppl_quant"] / result["ppl_fp32"]
     else:
         cos = torch.nn.functional.cosine_similarity
+        sents, tokenizer, ref = _HELD["sentences"], _HELD["tokenizer"], _HELD["ref"]
         result["ppl_quant"] = result["ratio"] = None
-        result["eval_sentences"] = len(eval_sents)
-        result["cosine_in_memory"] = cos(mean_pooled(model, tokenizer, eval_sents, args.seq_len), ref).mean().item()
-        cosines = cos(mean_pooled(loaded, tokenizer, eval_sents, args.seq_len), ref)
+        result["eval_sentences"] = len(sents)
+        result["cosine_in_memory"] = cos(mean_pooled(model, tokenizer, sents, args.seq_len), ref).mean().item()
+        cosines = cos(mean_pooled(loaded, tokenizer, sents, args.seq_len), ref)
         result["cosine_mean"], result["cosine_min"] = cosines.mean().item(), cosines.min().item()
     result["eval_s"] = round(time.perf_counter() - t_eval, 3)
-    result["output"] = args.output
-    result["import_s"] = round(_IMPORT_S, 3)
-    result["script_s"] = round(time.perf_counter() - _T_START, 3)
-
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    return result
 
 
 if __name__ == "__main__":

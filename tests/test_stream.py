@@ -23,7 +23,8 @@ from calib.data import CalibrationSet
 from calib.errors import CalibInputError
 from calib.export import write_tensors
 from calib import qmath
-from calib.quantize import (QuantizeResult, _pack_rows, plan_for, quantize_weight, quantize_weight_sqnr,
+from calib.quantize import (ROW_BLOCK_BYTES, SQNR_EVERY, QuantizeResult, _pack_rows, plan_for, quantize_weight,
+                            quantize_weight_sqnr,
                             quantized_module_tensors, quantized_tensors, weight_amax)
 from calib.stream import (merge_transforms, plan_by_name, quantize_data_free, quantized_stream,
                           smoothing_transforms, write_checkpoint)
@@ -257,20 +258,29 @@ def test_an_architecture_transformers_does_not_know_is_planned_by_tensor_names(t
 def test_quantizing_by_blocks_of_rows_gives_the_whole_tensor_bits(dtype):
     """The stream quantizes a weight block of rows by block of rows (cache-sized):
     the same q, scales and packed words as the whole-tensor math, for every
-    bundled weight scheme, on a weight spanning many blocks with an all-zero row."""
+    bundled weight scheme, on a weight spanning many blocks with an all-zero row;
+    the SQNR is that of every SQNR_EVERY-th block's rows, exactly."""
     torch.manual_seed(0)
-    w = (torch.randn(1500, 512) * 0.02).to(dtype)
+    w = (torch.randn(1500, 2048) * 0.02).to(dtype)
     w[7] = 0
+    step = ROW_BLOCK_BYTES // (4 * 2048)  # 12 blocks of rows
+    sampled = torch.cat([torch.arange(i, min(i + step, 1500)) for i in range(0, 1500, step * SQNR_EVERY)])
     for name in sorted(calib.bundled_recipes()):
         args = calib.load_recipe(name).weights
         amax = weight_amax(w, args)
         q, scale = quantize_weight(w, args, amax, dtype)
-        q2, scale2, sqnr = quantize_weight_sqnr(w, args, amax, dtype)
-        assert same_bits(q2, q) and same_bits(scale2, scale), name
+        got = quantize_weight_sqnr(w, args, amax, dtype)
+        assert same_bits(got.q, q) and same_bits(got.scale, scale), name
         full = qmath.expand_scale(scale.float(), w.shape, args.strategy, args.group_size)
-        assert sqnr == pytest.approx(qmath.sqnr_db(w, q.float() * full), abs=1e-3)
+        assert got.sqnr_rows == len(sampled) < 1500
+        assert got.sqnr_db == pytest.approx(qmath.sqnr_db(w[sampled], (q.float() * full)[sampled]), abs=1e-3)
+        assert abs(got.sqnr_db - qmath.sqnr_db(w, q.float() * full)) < 0.2  # a fair estimate of the whole
         if not args.is_fp8:
             assert torch.equal(_pack_rows(q, args.num_bits), qmath.pack_int32(q, args.num_bits))
+    small = w[:step * SQNR_EVERY]  # at most SQNR_EVERY blocks: every row measured
+    args = calib.load_recipe("fp8-dynamic").weights
+    got = quantize_weight_sqnr(small, args, weight_amax(small, args), dtype)
+    assert got.sqnr_rows == small.shape[0]
 
 
 def test_an_interrupt_in_a_writer_thread_stops_the_write(tmp_path):
