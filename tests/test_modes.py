@@ -12,29 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
 
 import calib
 from calib.cli import main
 from calib.errors import CalibInputError
 from calib.estimate import in_memory_peak_bytes
 from conftest import SHAKESPEARE, TINYSTORIES, TINYSTORIES_TEXT
+from test_native_names import file_tensors, raw  # read with safetensors itself, not calib's reader
 
 SAMPLES, SEQ = 12, 64
 SCALES = ("weight_scale", "input_scale", "input_zero_point", "k_scale", "v_scale")
-
-
-def file_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Read with safetensors itself, not calib's reader."""
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors
-
-
-def raw(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def assert_same_checkpoint(a: Path, b: Path) -> None:
