@@ -8,6 +8,7 @@ and the model's weights are rescaled in place before the observing pass.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -39,6 +40,9 @@ class Calibration:
     tokens: int = 0
     seconds: float = 0.0
     smoothed: int = 0  # SmoothQuant pairs rescaled (the model's weights changed in place)
+    # MoE: experts module -> real calibration tokens the router sent to each expert (observing pass)
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    all_experts: bool = False  # --moe-calibrate-all-experts: every expert observed every token
 
 
 def _forward_kwargs(model: nn.Module, plan: Plan, kv: bool, session) -> dict:
@@ -99,18 +103,35 @@ def calibrate(model: nn.Module, recipe: Recipe, data: CalibrationSet | None, bat
     if recipe.smoothquant is not None:
         calibration.smoothed = _smooth(model, recipe, plan, data, batch_size, pad_token_id, progress)
     if groups or calibration.kv_observers:
-        calibration.batches, calibration.tokens = _run_batches(
-            model, plan, data, batch_size, pad_token_id, groups, calibration.kv_observers,
-            kv=recipe.kv_cache is not None, progress=progress, desc="calibrate")
+        with all_experts_observed(model, recipe) as calibration.all_experts:
+            calibration.batches, calibration.tokens = _run_batches(
+                model, plan, data, batch_size, pad_token_id, groups, calibration.kv_observers,
+                kv=recipe.kv_cache is not None, progress=progress, desc="calibrate",
+                expert_tokens=calibration.expert_tokens)
     calibration.seconds = time.perf_counter() - start
     return calibration
 
 
-def _run_batches(model, plan, data, batch_size, pad_token_id, groups, kv_observers, kv, progress, desc):
+@contextlib.contextmanager
+def all_experts_observed(model: nn.Module, recipe: Recipe):
+    """``recipe.calibration.moe_calibrate_all_experts`` on the model's experts for
+    the block; yields whether it applies (the model has experts and the recipe asks)."""
+    from calib.moe import set_route_all
+
+    wanted = recipe.calibration.moe_calibrate_all_experts
+    applies = bool(set_route_all(model, wanted)) and wanted
+    try:
+        yield applies
+    finally:
+        set_route_all(model, False)
+
+
+def _run_batches(model, plan, data, batch_size, pad_token_id, groups, kv_observers, kv, progress, desc,
+                 expert_tokens=None):
     """Forward every batch with the observers attached; returns (batches, real tokens)."""
     device = next(model.parameters()).device
     batches = tokens = 0
-    with torch.inference_mode(), observe(model, groups, kv_observers) as session:
+    with torch.inference_mode(), observe(model, groups, kv_observers, expert_tokens) as session:
         bar = tqdm(data.batches(batch_size, pad_token_id), total=data.num_batches(batch_size), desc=desc,
                    unit="batch", disable=not progress)
         for batch in bar:

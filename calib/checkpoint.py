@@ -30,8 +30,11 @@ What is an error, and what is not:
   embeddings: the source stores one, the output stores one, loaders re-tie), or
   the class lists it in ``_keys_to_ignore_on_load_missing``;
 * a source tensor that transformers would *convert* on load (a
-  ``WeightConverter``: per-expert MoE weights stacked into one 3-D parameter,
-  fused q/k/v split, ...) is a "not yet supported" error naming the tensors.
+  ``WeightConverter``: per-expert MoE weights stacked into one 3-D parameter)
+  maps to its per-expert module when calib has split the experts
+  (:func:`calib.moe.unfuse_experts`: the module keys are then the renamed
+  checkpoint names); any other conversion (fused q/k/v split, experts calib
+  could not split) is a "not yet supported" error naming the tensors.
 """
 
 from __future__ import annotations
@@ -608,6 +611,12 @@ def _load_key(name: str, rules, prefix: str | None, state: dict) -> tuple[str, o
 
         renamings, converters = rules
         key, converter = rename_source_key(name, renamings, converters, prefix, state)
+        if converter is not None:
+            # A tensor transformers would stack (per-expert MoE weights): calib splits the fused
+            # experts back into per-expert modules (calib.moe), whose keys are the renamed names.
+            renamed, _ = rename_source_key(name, renamings, [], prefix, state)
+            if renamed in state:
+                return renamed, None
         if key not in state and name in state:
             key, converter = rename_source_key(name, [], [], prefix, state)
         return key, converter

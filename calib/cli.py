@@ -88,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
                      "estimated in-memory peak exceeds --max-memory)")
     how.add_argument("--in-memory", dest="mode", action="store_const", const="in-memory",
                      help="load the whole model (never sequential or data-free streaming)")
+    run.add_argument("--moe-calibrate-all-experts", action="store_true",
+                     help="MoE models: run every calibration token through every expert for observation only (the "
+                     "layer's output still follows the router), so rarely routed experts get well-founded input "
+                     "scales; costs about experts/top-k times the experts' calibration compute (recipe field "
+                     "calibration.moe_calibrate_all_experts)")
     run.add_argument("--dry-run", action="store_true",
                      help="print parameters, the layers quantized, calibration tokens, estimated checkpoint size and "
                      "memory peak, and warnings; read no weight and write nothing")
@@ -109,7 +114,7 @@ def _print_summary(report: dict) -> None:
         f"calib {report['calib_version']}: {report['model']} -> {report['output']}",
         f"  recipe      {report['recipe']} (format {report['format']})",
         f"  data        {data}",
-        f"  layers      {report['layers_quantized']} quantized",
+        f"  layers      {report['layers_quantized']} quantized" + _coverage_text(report.get("coverage")),
         f"  size        {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({after / max(before, 1):.2f}x)",
         f"  time        load {t['load']:.1f}s, data {t['data']:.1f}s, calibrate {t['calibrate']:.1f}s, "
         f"quantize {t['quantize']:.1f}s, export {t['export']:.1f}s, total {t['total']:.1f}s",
@@ -123,8 +128,25 @@ def _print_summary(report: dict) -> None:
         lines.append(f"  warning     recipe {entry} matches no module of this model")
     if report.get("unobserved_modules"):
         lines.append(f"  note        {len(report['unobserved_modules'])} modules saw no tokens (sibling range used)")
+    from calib.moe import moe_summary
+
+    moe = moe_summary(report.get("moe"))
+    if moe:
+        lines.append(f"  moe         {moe}")
     lines.append(f"  report      {report['output']}/calib_report.json")
     print("\n".join(lines))
+
+
+def _coverage_text(coverage: dict | None) -> str:
+    if not coverage:
+        return ""
+    text = f", coverage {coverage['ratio']:.0%} of targeted weights"
+    kept = len(coverage["routers_in_high_precision"])
+    if kept:
+        text += f"; {kept} MoE routers kept in high precision"
+    if coverage["unsupported_ignored"]:
+        text += f"; {len(coverage['unsupported_ignored'])} unsupported modules left unquantized by the recipe's ignore"
+    return text
 
 
 def _print_dry_run(plan: dict) -> None:
@@ -215,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         from calib.recipe import load_recipe
 
         recipe = load_recipe(args.recipe)  # a bad recipe answers before torch is even imported
+        if args.moe_calibrate_all_experts:
+            recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(
+                update={"moe_calibrate_all_experts": True})})
         _quiet_libraries(progress=not args.no_progress, debug=debug)
         if args.dry_run:
             from calib.pipeline import dry_run

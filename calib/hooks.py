@@ -24,6 +24,7 @@ and :func:`observe` removes the hooks on the way out.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import weakref
 from collections.abc import Iterator
@@ -45,8 +46,13 @@ class InputGroup:
     last_input: weakref.ref | None = field(default=None, repr=False)
 
 
-def _positions_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The token mask that applies to ``x``, or None when every row is real."""
+def _positions_mask(x: torch.Tensor, mask: torch.Tensor | None,
+                    rows: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The token mask that applies to ``x``, or None when every row is real.
+    ``rows``: which rows of a 2-D input are real tokens, set by an MoE expert
+    that runs on the tokens routed to it (:func:`routed_rows`)."""
+    if rows is not None and x.dim() == 2 and x.shape[0] == rows.numel():
+        return None if bool(rows.all()) else rows
     if mask is None:
         return None
     if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
@@ -65,11 +71,37 @@ def attention_modules(model: nn.Module) -> dict[int, str]:
     return found
 
 
+_SESSION: contextvars.ContextVar["ObservationSession | None"] = contextvars.ContextVar("calib_session", default=None)
+
+
+def current_session() -> "ObservationSession | None":
+    """The observation session of the :func:`observe` block the caller runs in, if any."""
+    return _SESSION.get()
+
+
+@contextlib.contextmanager
+def routed_rows(rows: torch.Tensor | None) -> Iterator[None]:
+    """Inside an MoE expert's call: which rows of its 2-D input are real tokens
+    (``None``: all of them), so padding routed to an expert is never observed."""
+    session = _SESSION.get()
+    if session is None:
+        yield
+        return
+    previous, session.rows = session.rows, rows
+    try:
+        yield
+    finally:
+        session.rows = previous
+
+
 class ObservationSession:
     """State shared by the hooks during one calibration run."""
 
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None  # see routed_rows
+        # experts module name -> real tokens the router sent to each expert (summed over batches)
+        self.expert_tokens: dict[str, list[int]] = {}
         self.kv_observers: dict[int, tuple[Observer, Observer]] = {}
         self.kv_names: dict[int, str] = {}  # layer_idx -> attention module name, for messages
         self.batch_index = -1  # advanced by set_mask, which the caller calls once per batch
@@ -82,6 +114,17 @@ class ObservationSession:
             self.mask = None
         else:
             self.mask = attention_mask.bool()
+
+    def token_rows(self, count: int) -> torch.Tensor | None:
+        """The batch's token mask flattened to ``count`` rows (None: all real, or not aligned)."""
+        if self.mask is None or self.mask.numel() != count:
+            return None
+        return self.mask.reshape(-1)
+
+    def count_expert_tokens(self, name: str, counts: list[int]) -> None:
+        totals = self.expert_tokens.setdefault(name, [0] * len(counts))
+        for e, n in enumerate(counts):
+            totals[e] += n
 
     def nonfinite_error(self, where: str, error: NonFiniteInput) -> CalibInputError:
         """Record the first module that saw NaN/Inf and the error that names it."""
@@ -141,9 +184,14 @@ def observe(
     model: nn.Module,
     groups: list[InputGroup],
     kv_observers: dict[int, tuple[Observer, Observer]] | None = None,
+    expert_tokens: dict[str, list[int]] | None = None,
 ) -> Iterator[ObservationSession]:
-    """Attach input observers to the modules named in ``groups`` for the duration."""
+    """Attach input observers to the modules named in ``groups`` for the duration.
+    ``expert_tokens``: where MoE experts count the tokens routed to them (a dict
+    shared by several sessions; a fresh one by default)."""
     session = ObservationSession()
+    if expert_tokens is not None:
+        session.expert_tokens = expert_tokens
     session.kv_observers = dict(kv_observers or {})
     if session.kv_observers:
         session.kv_names = attention_modules(model)
@@ -160,18 +208,20 @@ def observe(
                 return  # a fused sibling already observed this very tensor
             group.last_input = weakref.ref(x)
             try:
-                group.observer.update(x.detach(), _positions_mask(x, session.mask))
+                group.observer.update(x.detach(), _positions_mask(x, session.mask, session.rows))
             except NonFiniteInput as exc:
                 raise session.nonfinite_error(name, exc) from None
 
         return hook
 
+    token = _SESSION.set(session)
     try:
         for group in groups:
             for name in group.names:
                 handles.append(modules[name].register_forward_pre_hook(make_hook(group, name)))
         yield session
     finally:
+        _SESSION.reset(token)
         for handle in handles:
             handle.remove()
         for group in groups:

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from calib import qmath
 from calib.errors import ModelNotFoundError
+from calib.moe import unfuse_experts
 from calib.recipe import Recipe
 
 SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".input_zero_point", ".k_scale", ".v_scale",
@@ -76,6 +77,33 @@ def dequantize_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
+class _Tensors:
+    """A dict of tensors as a :class:`calib.checkpoint.TensorSource` (for the name map)."""
+
+    where = "the checkpoint"
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str):
+        return self.tensors[name].dtype, tuple(self.tensors[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+def _module_names(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint names -> the model's state-dict keys, with transformers' load rules
+    (Mixtral's ``block_sparse_moe.`` is ``mlp.``, GPT-NeoX's ``embed_out`` is ``lm_head``)."""
+    from calib.checkpoint import NameMap
+
+    name_map = NameMap.for_model(model, _Tensors(state))
+    return {name_map.module_of(name) or name: tensor for name, tensor in state.items()}
+
+
 def load(path: str | Path, dtype: torch.dtype | None = None):
     """The float model of a calib checkpoint (weights dequantized), in eval mode.
 
@@ -96,10 +124,12 @@ def load(path: str | Path, dtype: torch.dtype | None = None):
     causal = any(a.endswith("ForCausalLM") for a in archs)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = auto.from_config(config)
+    unfuse_experts(model)  # MoE: per-expert Linear modules, as the checkpoint stores the experts
     state = dequantize_state_dict(unpacked(read_tensors(folder)[0], recipe.weights.num_bits))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         model.to(dtype)
+    state = _module_names(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) \
         else set()

@@ -516,6 +516,9 @@ def load_model(model: str | None = None, dtype: str = "auto", trust_remote_code:
     log.info("loading %s with %s", src.public_name, auto_class.__name__)
     loaded = _load_weights(src, config, auto_class, torch_dtype, trust_remote_code, allow_pickle)
     loaded.eval()
+    from calib.moe import unfuse_experts
+
+    unfuse_experts(loaded)  # MoE: the checkpoint's per-expert projections as Linear modules (views, no copy)
     tokenizer = _load_tokenizer(src, trust_remote_code)
     _check_chat_template_names(tokenizer, src)
     _name_architecture(loaded)
@@ -561,6 +564,9 @@ def model_outline(model: str | None = None, dtype: str = "auto", trust_remote_co
     with torch.device("meta"):
         skeleton = auto_class.from_config(config, trust_remote_code=trust_remote_code, dtype=torch_dtype)
     _name_architecture(skeleton)
+    from calib.moe import unfuse_experts
+
+    unfuse_experts(skeleton)
     folder = Path(src.location) if src.kind == "folder" else None
     return ModelOutline(config=config, skeleton=skeleton,
                         tokenizer=_load_tokenizer(src, trust_remote_code) if tokenizer else None,

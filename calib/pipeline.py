@@ -23,7 +23,7 @@ from calib.export import atomic_directory, check_free_space, check_output, model
 from calib.calibration import Calibration, calibrate
 from calib.checkpoint import NameMap, StateDictSource
 from calib.devices import resolve_device
-from calib.quantize import Plan, QuantizeResult, plan_for, quantized_tensors
+from calib.quantize import Plan, QuantizeResult, coverage_report, plan_for, quantized_tensors
 from calib.recipe import CalibrationDefaults, Recipe, load_recipe
 from calib.stream import checkpoint_ignore
 
@@ -107,8 +107,10 @@ def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Ca
         summary = ExportSummary(output=str(output), files=written.files,
                                 size_after_bytes=written.total_bytes, quantize_s=result.seconds,
                                 export_s=time.perf_counter() - start - result.seconds, result=result)
+        coverage = coverage_report(calibration.plan, result)  # a shortfall stops before the move into place
         if report is not None:
             report.update(summary.as_report())
+            _add_sections(report, coverage, calibration, result)
             report["timings_s"]["quantize"] = round(summary.quantize_s, 3)
             report["timings_s"]["export"] = round(summary.export_s, 3)
             report["timings_s"]["total"] = round(time.perf_counter() - (started_at or start), 3)
@@ -343,8 +345,8 @@ def _calibration_set(tokenizer, config, is_causal_lm: bool, dataset, rows, setti
 
 def _recorded(recipe: Recipe, data: CalibrationSet, batch_size: int) -> Recipe:
     """The recipe as run: the checkpoint records what was used, not what was asked for."""
-    return recipe.model_copy(update={"calibration": CalibrationDefaults(
-        num_samples=len(data.samples), seq_len=data.seq_len, batch_size=batch_size)})
+    return recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update=dict(
+        num_samples=len(data.samples), seq_len=data.seq_len, batch_size=batch_size))})
 
 
 def run(
@@ -459,12 +461,23 @@ def _base_report(public_name: str, fingerprint, revision, model_class: str, reci
     }
 
 
+def _add_sections(report: dict, coverage: dict, calibration: Calibration | None, result: QuantizeResult) -> None:
+    """The report's ``coverage`` and (MoE models) ``moe`` sections."""
+    from calib.moe import moe_report
+
+    report["coverage"] = coverage
+    moe = moe_report(calibration.expert_tokens, calibration.all_experts, result.unobserved) if calibration else None
+    if moe is not None:
+        report["moe"] = moe
+
+
 def _finish_report(report: dict, folder: Path, output: Path, written, result: QuantizeResult, quantize_s: float,
-                   export_s: float, total_start: float) -> dict:
-    """The export figures, timings and peak memory; writes ``calib_report.json``."""
+                   export_s: float, total_start: float, plan: Plan, calibration: Calibration | None = None) -> dict:
+    """The export figures, coverage, timings and peak memory; writes ``calib_report.json``."""
     summary = ExportSummary(output=str(output), files=written.files, size_after_bytes=written.total_bytes,
                             quantize_s=quantize_s, export_s=export_s, result=result)
     report.update(summary.as_report())
+    _add_sections(report, coverage_report(plan, result), calibration, result)
     report["timings_s"]["quantize"] = round(quantize_s, 3)
     report["timings_s"]["export"] = round(export_s, 3)
     report["timings_s"]["total"] = round(time.perf_counter() - total_start, 3)
@@ -505,7 +518,7 @@ def _run_data_free(model, recipe: Recipe, *, dtype: str, output: Path, overwrite
     report["planned_on"] = summary.planned_on
     written = _Written(summary.files, summary.size_after_bytes)
     return _finish_report(report, folder, output, written, summary.result, summary.quantize_s, summary.export_s,
-                          total_start)
+                          total_start, summary.plan)
 
 
 @dataclass
@@ -533,7 +546,7 @@ def _run_sequential(model, recipe: Recipe, outline, data: CalibrationSet, *, not
     report["sequential"] = {"layers": figures["layers"], "hidden_states_spilled_to_disk": cal.spilled,
                             "seconds_per_layer": round(cal.seconds / max(figures["layers"], 1), 3)}
     return _finish_report(report, folder, output, figures["written"], figures["result"], figures["quantize_s"],
-                          figures["export_s"], total_start)
+                          figures["export_s"], total_start, cal.plan, cal)
 
 
 def _run_in_memory(model, recipe: Recipe, dataset, rows, rows_s: float, data: CalibrationSet | None,

@@ -57,7 +57,13 @@ def matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
 def _matches_one(name: str, module: nn.Module, pattern: str) -> bool:
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
-    return pattern == name or pattern == type(module).__name__
+    # a class name matches subclasses too (Falcon's FalconLinear is a Linear), as in compressed-tensors
+    return pattern == name or any(pattern == cls.__name__ for cls in type(module).__mro__)
+
+
+def _names_module(name: str, patterns: list[str]) -> bool:
+    """Whether an entry names the module itself (exactly or by regex), not its class."""
+    return any(p == name or (p.startswith("re:") and re.match(p[3:], name)) for p in patterns)
 
 
 def tied_to_input_embeddings(model: nn.Module, name: str, module: nn.Module) -> bool:
@@ -76,6 +82,25 @@ class Plan:
     attention: dict[int, str] = field(default_factory=dict)  # layer_idx -> attention module name
     # recipe entries that match no module, as "targets: X" / "ignore: X" (each also logged as a warning)
     unmatched: list[str] = field(default_factory=list)
+    routers: list[str] = field(default_factory=list)  # MoE routers/gates kept in high precision (in ignored too)
+    # modules the recipe targets that calib cannot quantize, left in high precision because the
+    # recipe's ignore names them: "name (Class): why"
+    unsupported_ignored: list[str] = field(default_factory=list)
+    targeted_parameters: int = 0  # weight elements the recipe targets (its ignore, routers, tied heads excluded)
+
+    @property
+    def quantized_parameters(self) -> int:
+        return sum(m.weight.numel() for m in self.targets.values())
+
+    def coverage(self) -> dict:
+        """Planned ÷ targeted weight elements; the report replaces "quantized" by what was written."""
+        quantized = self.quantized_parameters
+        total = max(self.targeted_parameters, quantized)
+        return {"quantized_parameters": quantized, "targeted_parameters": total,
+                "ratio": round(quantized / total, 6) if total else 1.0,
+                "left_in_high_precision": sorted(set(self.ignored) - set(self.routers)),
+                "routers_in_high_precision": list(self.routers),
+                "unsupported_ignored": list(self.unsupported_ignored)}
 
     def group_of(self, name: str) -> list[str]:
         for group in self.fused:
@@ -92,8 +117,13 @@ def plan_for(model: nn.Module, recipe: Recipe, warn: bool = True) -> Plan:
     size that does not divide a layer) fails before any weight is loaded.
     ``warn=False`` keeps that early plan quiet (the real one warns).
     """
+    from calib.moe import is_router, unfuse_experts, unsupported_weights
+
+    unfuse_experts(model)  # fused MoE experts -> per-expert Linear projections (idempotent)
     targets: dict[str, nn.Linear] = {}
     ignored: list[str] = []
+    routers: list[str] = []
+    targeted = 0
     hits: set[tuple[str, str]] = set()  # (field, entry) that matched some module
     for name, module in model.named_modules():
         if not name:
@@ -102,19 +132,30 @@ def plan_for(model: nn.Module, recipe: Recipe, warn: bool = True) -> Plan:
         by_ignore = [p for p in recipe.ignore if _matches_one(name, module, p)]
         hits.update(("targets", p) for p in by_target)
         hits.update(("ignore", p) for p in by_ignore)
+        if not isinstance(module, nn.Linear) and is_router(model, name):
+            routers.append(name)  # a router module of its own class (MixtralTopKRouter): listed in ignore
+            ignored.append(name)
+            continue
         if not by_target:
             continue
         if not isinstance(module, nn.Linear):
             log.debug("target %s matched %s (not a Linear): skipped", name, type(module).__name__)
             continue
-        if by_ignore:
+        if is_router(model, name) and not _names_module(name, recipe.targets):
+            log.debug("%s is an MoE router: left in high precision", name)
+            routers.append(name)
             ignored.append(name)
             continue
         if tied_to_input_embeddings(model, name, module):
             log.info("%s shares its weight with the input embeddings: left in high precision", name)
             ignored.append(name)
             continue
+        if by_ignore:
+            ignored.append(name)
+            continue
+        targeted += module.weight.numel()
         targets[name] = module
+    unsupported_ignored = _check_unsupported(model, recipe, unsupported_weights(model))
     unmatched = _unmatched_entries(model, recipe, hits, logging.WARNING if warn else logging.DEBUG)
     if not targets:
         raise CalibInputError(
@@ -132,7 +173,37 @@ def plan_for(model: nn.Module, recipe: Recipe, warn: bool = True) -> Plan:
                 f"recipe {recipe.name!r} asks for FP8 KV-cache scales, but {type(model).__name__} has no "
                 "decoder attention modules with a KV cache (an encoder?). Use a recipe without kv_cache."
             )
-    return Plan(targets=targets, ignored=ignored, fused=fused, attention=attention, unmatched=unmatched)
+    return Plan(targets=targets, ignored=ignored, fused=fused, attention=attention, unmatched=unmatched,
+                routers=routers, unsupported_ignored=unsupported_ignored, targeted_parameters=targeted)
+
+
+def _check_unsupported(model: nn.Module, recipe: Recipe, found: list[tuple[str, str, str]]) -> list[str]:
+    """Projection-like modules calib cannot quantize (fused experts it cannot split,
+    Conv1D, ...): an error naming each, unless the recipe's ``ignore`` names it (then
+    it is left in high precision and listed). A recipe that targets only other modules
+    by name is not concerned."""
+    by_class = any(not p.startswith("re:") and "." not in p and p[:1].isupper() for p in recipe.targets)
+    problems, ignored = [], []
+    for name, cls, why in found:
+        module = model.get_submodule(name)
+        targeted = by_class or any(_matches_one(name, module, p) for p in recipe.targets)
+        if not targeted:
+            continue
+        if any(_matches_one(name, module, p) for p in recipe.ignore):
+            ignored.append(f"{name} ({cls}): {why}")
+            log.warning("%s (%s) cannot be quantized (%s): left in high precision, as the recipe's ignore asks",
+                        name, cls, why)
+            continue
+        problems.append(f"{name} ({cls}): {why}")
+    if problems:
+        shown = "; ".join(problems[:SHOWN_LAYERS]) + (f"; and {len(problems) - SHOWN_LAYERS} more"
+                                                      if len(problems) > SHOWN_LAYERS else "")
+        raise CalibInputError(
+            f"{type(model).__name__} has weights the recipe targets that calib cannot quantize: {shown}. calib "
+            "never writes a partly quantized model silently: add these modules to the recipe's ignore to leave "
+            "them in high precision (they are listed in the checkpoint's ignore and the report), or use a model "
+            "layout calib supports.")
+    return ignored
 
 
 def _unmatched_entries(model: nn.Module, recipe: Recipe, hits: set[tuple[str, str]],
@@ -360,6 +431,29 @@ class QuantizeResult:
     kv_scales: dict[str, dict[str, float]] = field(default_factory=dict)
     unobserved: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def coverage_report(plan: Plan, result: QuantizeResult) -> dict:
+    """Quantized ÷ targeted weight elements, counted from what was written. Every
+    targeted weight is quantized or the run stops: anything else is a bug, and
+    calib would rather fail than exit 0 with a partly quantized checkpoint."""
+    section = plan.coverage()
+    written = sum(_numel(layer.shape) for layer in result.layers)
+    section["quantized_parameters"] = written
+    section["ratio"] = round(written / section["targeted_parameters"], 6) if section["targeted_parameters"] else 1.0
+    if written != section["targeted_parameters"]:
+        missing = sorted(set(plan.targets) - {layer.name for layer in result.layers})
+        raise RuntimeError(f"calib quantized {written} of the {section['targeted_parameters']} weight elements it "
+                           f"planned (not written: {missing[:SHOWN_LAYERS]}): this is a bug in calib; the checkpoint "
+                           "was not published")
+    return section
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _shared_fallback(name: str, observed: dict[str, torch.Tensor]) -> torch.Tensor | None:

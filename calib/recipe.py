@@ -163,6 +163,9 @@ class CalibrationDefaults(BaseModel):
     num_samples: int = Field(256, gt=0)
     seq_len: int = Field(512, gt=0)
     batch_size: int = Field(8, gt=0)
+    # MoE: run every calibration token through every expert for observation only (the
+    # layer's output still follows the router), so no expert is calibrated on few tokens.
+    moe_calibrate_all_experts: bool = False
 
 
 class Recipe(BaseModel):

@@ -50,7 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calib.algorithms.smoothquant import SmoothPair, apply_smoothing, smoothing_pairs, smoothing_scales
-from calib.calibration import Calibration, _forward_kwargs, input_groups
+from calib.calibration import Calibration, _forward_kwargs, all_experts_observed, input_groups
 from calib.data import CalibrationSet
 from calib.errors import CalibInputError
 from calib.estimate import RUNTIME_OVERHEAD, forward_workspace_bytes, human
@@ -419,6 +419,7 @@ class _Stream:
     feeds_tail: bool = False  # its final hidden states feed the tail forward
     store: _HiddenStates | None = None
     calls: list[list[_Call]] = field(default_factory=list)  # [batch][layer]
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # MoE routing counts (see calib.hooks)
 
 
 @dataclass
@@ -561,7 +562,11 @@ def calibrate_sequential(model: nn.Module, load_weights: LoadWeights, recipe: Re
                     for stream in streams:
                         if index > stream.last_layer:
                             continue
-                        tuple_out = _run_layer(walk, index, stream) or tuple_out
+                        observing = stream.name == "calibrate"  # as calibrate(): the observing pass only
+                        with all_experts_observed(model, recipe) if observing else contextlib.nullcontext(False) \
+                                as all_experts:
+                            tuple_out = _run_layer(walk, index, stream) or tuple_out
+                        result.all_experts = result.all_experts or all_experts
                         _smooth_layer(model, [p for p in stream.pairs if layout.layer_of(p[0].producer) == index],
                                       recipe, result.transforms)
                         if index == stream.last_layer and not stream.feeds_tail:
@@ -579,6 +584,7 @@ def calibrate_sequential(model: nn.Module, load_weights: LoadWeights, recipe: Re
         log.info("SmoothQuant (alpha %.2f): rescaled %d norm/projection pairs", recipe.smoothquant.alpha,
                  result.smoothed)
     if streams[-1].name == "calibrate":
+        result.expert_tokens = streams[-1].expert_tokens
         result.batches = len(walk.batches)
         result.tokens = int(sum(int(b["attention_mask"].sum()) for b in walk.batches))
     result.layers = count
@@ -701,7 +707,7 @@ def _run_layer(walk: _Walk, index: int, stream: _Stream) -> bool:
     groups = [g for g in stream.groups if layout.layer_of(g.names[0]) == index]
     kv = {i: obs for i, obs in stream.kv_observers.items() if layout.layer_of(walk.plan.attention[i]) == index}
     tuple_out = False
-    with torch.inference_mode(), observe(walk.model, groups, kv) as session:
+    with torch.inference_mode(), observe(walk.model, groups, kv, stream.expert_tokens) as session:
         for batch, hidden in stream.store.take_all():
             session.set_mask(walk.batches[batch]["attention_mask"])
             args, kwargs = stream.calls[batch][index].bind(hidden, lambda: observing_cache(session, config))

@@ -573,6 +573,7 @@ class StreamSummary:
     ignore: list[str]
     result: QuantizeResult
     unmatched: list[str] = field(default_factory=list)  # recipe entries that matched no module
+    plan: Plan | None = None
 
     def as_report(self) -> dict:
         return {
@@ -615,6 +616,9 @@ def build_skeleton(folder: Path, config: Mapping, dtype: torch.dtype, trust_remo
             auto = transformers.AutoModelForCausalLM if _is_causal_lm(hf_config) else transformers.AutoModel
             skeleton = auto.from_config(hf_config, trust_remote_code=trust_remote_code, dtype=dtype)
     _name_architecture(skeleton)
+    from calib.moe import unfuse_experts
+
+    unfuse_experts(skeleton)  # MoE: per-expert Linear modules, named as the checkpoint names them
     if (folder / "generation_config.json").is_file() and getattr(skeleton, "can_generate", lambda: False)():
         try:
             skeleton.generation_config = transformers.GenerationConfig.from_pretrained(str(folder))
@@ -709,7 +713,7 @@ def quantize_data_free(model_dir: str | Path, recipe: Recipe | str, output_folde
     return StreamSummary(output=str(output), files=written.files, size_after_bytes=written.total_bytes,
                          num_tensors=written.num_tensors, quantize_s=write_s,
                          export_s=max(elapsed - write_s, 0.0), planned_on=planned_on, model_class=model_class,
-                         ignore=ignore, result=result, unmatched=list(plan.unmatched))
+                         ignore=ignore, result=result, unmatched=list(plan.unmatched), plan=plan)
 
 
 def _tokenizer_or_none(folder: Path, trust_remote_code: bool):
