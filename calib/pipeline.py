@@ -24,7 +24,7 @@ from calib.calibration import Calibration, calibrate
 from calib.checkpoint import NameMap, StateDictSource
 from calib.devices import resolve_device
 from calib.quantize import Plan, QuantizeResult, coverage_report, plan_for, quantized_tensors
-from calib.recipe import CalibrationDefaults, Recipe, load_recipe
+from calib.recipe import Recipe, load_recipe
 from calib.stream import checkpoint_ignore
 
 log = logging.getLogger(__name__)

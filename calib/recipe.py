@@ -264,7 +264,10 @@ class Recipe(BaseModel):
         return static_inputs or self.kv_cache is not None or self.smoothquant is not None
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        data = self.model_dump(mode="json")
+        if not data["calibration"]["moe_calibrate_all_experts"]:
+            del data["calibration"]["moe_calibrate_all_experts"]  # the default: recorded only when asked for
+        return yaml.safe_dump(data, sort_keys=False)
 
     def to_quantization_config(self, ignore: list[str] | None = None) -> dict[str, Any]:
         """The ``config.json`` ``quantization_config`` block (compressed-tensors)."""

@@ -260,14 +260,20 @@ def test_tensors_without_a_place_and_places_without_a_tensor_are_named(families,
     assert raw(file_tensors(out)["model.layers.0.self_attn.rotary_emb.inv_freq"]) == raw(inv_freq)
 
 
-def test_moe_checkpoints_that_transformers_converts_are_not_yet_supported(tmp_path):
-    """Mixtral's per-expert w1/w2/w3 are stacked into 3-D parameters on load:
-    the checkpoint-space writer says so, naming the tensors."""
+def test_tensors_transformers_converts_map_only_onto_split_experts(tmp_path):
+    """Mixtral's per-expert w1/w2/w3 are stacked into 3-D parameters on load. The
+    data-free path splits the experts (calib.moe) and writes them per expert; a
+    model left fused has no place for them, and the name map says so, naming them."""
     config = transformers.MixtralConfig(num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, **COMMON)
     torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mixtral")
+    fused = transformers.AutoModelForCausalLM.from_config(config)
+    fused.save_pretrained(tmp_path / "mixtral")
+    with SafetensorsSource(tmp_path / "mixtral") as source:
+        with pytest.raises(CalibInputError, match=r"not support.*block_sparse_moe\.experts\.0\.w1\.weight"):
+            NameMap.for_model(fused, source)
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(CalibInputError, match=r"not support.*block_sparse_moe\.experts\.0\.w1\.weight"):
-        quantize_data_free(tmp_path / "mixtral", "fp8-dynamic", out)
-    assert list(out.iterdir()) == []
+    summary = quantize_data_free(tmp_path / "mixtral", "fp8-dynamic", out)
+    written = file_tensors(out)
+    assert written["model.layers.0.block_sparse_moe.experts.1.w2.weight"].dtype == torch.float8_e4m3fn
+    assert summary.result.layers and all(".gate" not in layer.name for layer in summary.result.layers)
