@@ -168,6 +168,13 @@ def plan_for(model: nn.Module, recipe: Recipe, warn: bool = True) -> Plan:
     attention = {}
     if recipe.kv_cache is not None:
         attention = attention_modules(model)
+        latent = [n for n in attention.values() if hasattr(model.get_submodule(n), "kv_a_proj_with_mqa")]
+        if latent:
+            raise CalibInputError(
+                f"recipe {recipe.name!r} asks for FP8 KV-cache scales, but {type(model).__name__} uses multi-head "
+                f"latent attention ({latent[0]} and {len(latent) - 1} more): serving stacks cache its compressed "
+                "latent, not the keys and values transformers hands its cache, and vLLM loads no per-layer k/v "
+                "scale for it. Use a recipe without kv_cache (fp8-static).")
         if not attention:
             raise CalibInputError(
                 f"recipe {recipe.name!r} asks for FP8 KV-cache scales, but {type(model).__name__} has no "

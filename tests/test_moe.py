@@ -221,3 +221,9 @@ def test_falcon_linear_is_quantized_as_a_linear(tmp_path):
     out = file_tensors(tmp_path / "out")
     assert report["layers_quantized"] == 8 and report["coverage"]["ratio"] == 1.0
     assert out["transformer.h.0.self_attention.query_key_value.weight"].dtype == torch.float8_e4m3fn
+
+
+def test_kv_cache_scales_are_refused_for_latent_attention(moe_models, tmp_path):
+    with pytest.raises(CalibInputError, match="multi-head latent attention"):
+        calib.run(model=str(moe_models["deepseek_v3"]), recipe="fp8-static-kv", output=tmp_path / "out", **RUN)
+    assert not (tmp_path / "out").exists()
