@@ -728,6 +728,7 @@ def source_config_dict(config: dict, quantization_config: dict, dtype: torch.dty
     config = dict(config)
     config.pop("quantization_config", None)
     config["quantization_config"] = quantization_config
+    _add_kv_heads(config)
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     if source_name:
@@ -761,6 +762,7 @@ def model_config_dict(model, quantization_config: dict, source_name: str | None 
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["quantization_config"] = quantization_config
+    _add_kv_heads(config)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
@@ -771,6 +773,34 @@ def model_config_dict(model, quantization_config: dict, source_name: str | None 
     elif not looks_like_hub_id(str(config.get("_name_or_path") or "")):
         config.pop("_name_or_path", None)
     return config
+
+
+def kv_heads(config: dict) -> int | None:
+    """The number of key/value heads of a config.json that does not name
+    ``num_key_value_heads`` (OPT, GPT-NeoX, GPT-2, Falcon), or None when it
+    does or no head count is there."""
+    if "num_key_value_heads" in config:
+        return None
+    heads = config.get("num_attention_heads", config.get("n_head"))
+    if config.get("model_type") == "falcon":
+        if config.get("new_decoder_architecture"):
+            return config.get("num_kv_heads", heads)
+        if config.get("multi_query", True):
+            return 1
+    return heads if isinstance(heads, int) else None
+
+
+def _add_kv_heads(config: dict) -> None:
+    """A checkpoint with a ``kv_cache_scheme`` names its key/value head count:
+    compressed-tensors sizes the k/v scales of a reloaded model from
+    ``num_key_value_heads`` and stops when a config (OPT's) has none. The value
+    is the one the architecture already implies, so other readers (vLLM reads
+    the family's own fields first) are unaffected."""
+    if config["quantization_config"].get("kv_cache_scheme") is None:
+        return
+    heads = kv_heads(config)
+    if heads is not None:
+        config["num_key_value_heads"] = heads
 
 
 def write_side_files(folder: Path, model, tokenizer, config: dict, recipe_yaml: str) -> None:

