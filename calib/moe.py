@@ -101,8 +101,9 @@ def expert_names(model: nn.Module) -> ExpertNames | None:
 def _layout_problem(module: nn.Module, names: ExpertNames | None) -> str | None:
     """Why a fused experts module cannot be split into Linear projections (None: it can)."""
     if names is None:
-        return ("the checkpoint stores these experts fused (transformers has no rule naming per-expert tensors), "
-                "and calib writes experts per expert")
+        return ("the checkpoint stores these experts fused (transformers has no rule naming per-expert tensors; "
+                "gpt-oss: gate_up_proj [E, H, 2I], interleaved, with biases, the only layout vLLM's gpt-oss loader "
+                "reads), and calib writes experts per expert")
     if not getattr(module, "has_gate", True):
         return "its experts have no gate projection"
     if getattr(module, "is_transposed", False) or not getattr(module, "is_concatenated", True):
@@ -251,7 +252,9 @@ def unsupported_weights(model: nn.Module) -> list[tuple[str, str, str]]:
             continue
         cls = type(module).__name__
         if cls == "Conv1D":
-            out.append((name, cls, "GPT-2-style Conv1D stores its weight transposed ([in, out])"))
+            out.append((name, cls, "GPT-2-style Conv1D stores its weight transposed ([in, out]), and transformers + "
+                        "compressed-tensors quantize only nn.Linear: they would read a quantized Conv1D as raw "
+                        "8-bit values"))
             continue
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             continue
