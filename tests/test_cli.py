@@ -85,6 +85,11 @@ def test_embedded_default_end_to_end(tmp_path):
     report = json.loads((out / "calib_report.json").read_text())
     assert report["recipe"] == "fp8-static" and report["layers_quantized"] == 30 * 7
     assert report["dataset"] == "calib default texts" and report["num_samples"] == 8
+    # the embedded default's provenance: its public name and a content fingerprint, never a machine path
+    from calib.models import DEFAULT_MODEL, SMOLLM2_GGUF
+
+    assert report["model"] == f"{DEFAULT_MODEL} ({SMOLLM2_GGUF})"
+    assert report["model_fingerprint"].startswith("sha256:") and report.get("model_revision") is None
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"  # GGUF's config replaced
     assert config["tie_word_embeddings"] is True

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calib.errors import CalibInputError, ModelNotFoundError
-from calib.models import DEFAULT_MODEL, SMOLLM2_GGUF, embedded_default_gguf, load_model, resolve_source
+from calib.models import embedded_default_gguf, load_model, resolve_source
 
 from conftest import SHARED, TINYSTORIES
 
@@ -174,15 +174,6 @@ def test_many_missing_tensors_are_listed_up_to_ten(tiny):
     rewrite_weights(tiny, drop_layers)  # 18 tensors
     with pytest.raises(CalibInputError, match="and 8 more"):
         load_model(str(tiny))
-
-
-def test_embedded_default_gguf_loads_with_architecture_and_public_name(shared):
-    loaded = load_model(None)
-    assert loaded.model.config.architectures == ["LlamaForCausalLM"]
-    assert loaded.public_name == f"{DEFAULT_MODEL} ({SMOLLM2_GGUF})"
-    assert loaded.fingerprint.startswith("sha256:") and loaded.revision is None
-    assert_no_machine_path(loaded.model.config.to_dict(), embedded_default_gguf().parent)
-    assert loaded.is_causal_lm
 
 
 # --- 3. clear errors for broken inputs ----------------------------------------------
