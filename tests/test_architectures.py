@@ -164,3 +164,15 @@ def test_bert_encoder_fp8_static_keeps_embeddings(tmp_path):
     tensors = read_tensors(out)[0]
     q, k, v = (tensors[f"encoder.layer.0.attention.self.{p}.input_scale"] for p in ("query", "key", "value"))
     assert torch.equal(q, k) and torch.equal(k, v)
+
+
+def test_kv_heads_written_for_configs_without_num_key_value_heads():
+    from calib.export import kv_heads
+
+    assert kv_heads({"model_type": "opt", "num_attention_heads": 12}) == 12
+    assert kv_heads({"model_type": "gpt2", "n_head": 12}) == 12
+    assert kv_heads({"model_type": "falcon", "num_attention_heads": 71, "multi_query": True}) == 1
+    assert kv_heads({"model_type": "falcon", "num_attention_heads": 71, "multi_query": False}) == 71
+    assert kv_heads({"model_type": "falcon", "num_attention_heads": 128, "new_decoder_architecture": True,
+                     "num_kv_heads": 8}) == 8
+    assert kv_heads({"model_type": "llama", "num_attention_heads": 32, "num_key_value_heads": 8}) is None
