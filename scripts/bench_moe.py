@@ -4,8 +4,8 @@
 --moe-calibrate-all-experts. Reports wall time, the child's peak RSS, coverage,
 and the tokens the router sent to each expert; writes a markdown table.
 
-    .venv/bin/python scripts/bench_moe.py --workdir /work/bench            # the ~2B models
-    .venv/bin/python scripts/bench_moe.py --workdir /tmp/b --size tiny     # a quick check of the script
+    .venv/bin/python scripts/bench_moe.py --workdir ../calib-bench            # the ~2B models
+    .venv/bin/python scripts/bench_moe.py --workdir ../calib-bench --size tiny # a quick check of the script
 
 Random-init routers spread tokens more evenly than trained ones, so the token
 counts show the mechanics (every expert reached, padding excluded), not the
@@ -41,14 +41,14 @@ SIZES = {
                           num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=64,
                           num_experts_per_tok=8, vocab_size=32000, max_position_embeddings=4096),
     },
-    "tiny": {
-        "mixtral": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
-                        max_position_embeddings=4096),
-        "qwen3_moe": dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=16,
-                          num_experts_per_tok=4, vocab_size=32000, max_position_embeddings=4096),
-    },
+}
+# The same shapes, small: a quick check of the script.
+SIZES["tiny"] = {
+    "mixtral": {**SIZES["2b"]["mixtral"], "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+                "num_attention_heads": 4, "num_key_value_heads": 2},
+    "qwen3_moe": {**SIZES["2b"]["qwen3_moe"], "hidden_size": 128, "intermediate_size": 256,
+                  "moe_intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 32, "num_experts": 16, "num_experts_per_tok": 4},
 }
 
 

