@@ -99,8 +99,71 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars (calib's, datasets', "
                      "transformers')")
 
+    ev = sub.add_parser("eval", parents=[debug], help="quality of a quantized checkpoint beside its original",
+                        description="Perplexity (causal LMs) or embedding cosine (encoders) of a compressed-tensors "
+                        "checkpoint (calib's or another tool's) beside the original model, on held-out text "
+                        "(default: WikiText-2 test, packaged). Backend calib computes as vLLM serves the checkpoint: "
+                        "stored weights, fused shards re-quantized as vLLM does, activations and the KV cache "
+                        "quantized.")
+    ev.add_argument("--model", default=None,
+                    help="the original model the checkpoint was made from (default: the embedded SmolLM2)")
+    ev.add_argument("--quantized", required=True, help="the quantized checkpoint folder")
+    ev.add_argument("--dataset", default=None, help="held-out text: .txt file (as is), .jsonl/.json/.parquet or hub "
+                    "dataset (rows joined with blank lines); default WikiText-2 test")
+    ev.add_argument("--text-column", default="text", help="text column of the dataset (default text)")
+    ev.add_argument("--split", default="test", help="split of a hub dataset (default test)")
+    ev.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per window (default 512)")
+    ev.add_argument("--max-tokens", type=_positive_int, default=16384,
+                    help="evaluate on at most this many tokens (default 16384)")
+    ev.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward (default 4)")
+    ev.add_argument("--backend", action="append", choices=["calib", "weights", "transformers"], default=None,
+                    help="how the quantized checkpoint is computed: calib (as vLLM serves it; default), weights "
+                    "(weights dequantized, float activations), transformers (transformers + compressed-tensors); "
+                    "repeat for several")
+    ev.add_argument("--json", default=None, help="also write the result as JSON to this path")
+    ev.add_argument("--trust-remote-code", action="store_true", help="run the model's own Python code")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    ins = sub.add_parser("inspect", parents=[debug], help="what a quantized checkpoint holds, layer by layer",
+                         description="Scheme, ignored modules, per-layer weight and input scales, KV-cache scales, "
+                         "provenance, memory before/after of any compressed-tensors checkpoint; with --original, "
+                         "each layer's weight SQNR and the worst layers.")
+    ins.add_argument("checkpoint", help="the quantized checkpoint folder")
+    ins.add_argument("--original", default=None, help="the model it was made from (folder, .gguf or hub id)")
+    ins.add_argument("--plot", default=None, help="write a PNG of per-layer input ranges, scales and SQNR")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
     sub.add_parser("recipes", parents=[debug], help="list the bundled recipes")
     return parser
+
+
+def _run_inspect(args) -> None:
+    import json
+
+    from calib.inspection import format_inspection, inspect_checkpoint, plot
+
+    result = inspect_checkpoint(args.checkpoint, args.original)
+    if args.plot:
+        plot(result, args.plot)
+    print(json.dumps(result, indent=2) if args.json else format_inspection(result))
+
+
+def _run_eval(args) -> None:
+    import json
+    from pathlib import Path
+
+    from calib.quality import evaluate, format_table
+
+    result = evaluate(args.model, args.quantized, args.dataset, text_column=args.text_column, split=args.split,
+                      seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                      backends=tuple(dict.fromkeys(args.backend or ["calib"])), progress=not args.no_progress,
+                      trust_remote_code=args.trust_remote_code)
+    print(format_table(result))
+    if args.json:
+        path = Path(args.json)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(path)
 
 
 def _print_summary(report: dict) -> None:
@@ -233,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "recipes":
             _list_recipes()
+            return EXIT_OK
+        if args.command == "inspect":
+            _quiet_libraries(progress=True, debug=debug)
+            _run_inspect(args)
+            return EXIT_OK
+        if args.command == "eval":
+            _quiet_libraries(progress=not args.no_progress, debug=debug)
+            _run_eval(args)
             return EXIT_OK
         from calib.recipe import load_recipe
 

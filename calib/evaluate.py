@@ -1,45 +1,73 @@
-"""Quality measures used by tests and benchmarks: held-out perplexity for
-causal LMs and embedding cosine similarity for encoders."""
+"""Quality measures: held-out perplexity for causal LMs and embedding cosine
+similarity for encoders (used by ``calib eval``, tests and benchmarks)."""
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 
 import torch
 
 
-@torch.inference_mode()
-def perplexity(model, tokenizer, text: str, seq_len: int = 128, batch_size: int = 8,
-               max_windows: int | None = None) -> float:
-    """exp(mean next-token NLL) over non-overlapping ``seq_len`` windows of ``text``
-    (tokenized without special tokens; a trailing partial window is dropped)."""
+def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """``[n, seq_len]`` non-overlapping windows of ``text`` tokenized without special
+    tokens (WikiText-style perplexity); a trailing partial window is dropped."""
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     windows = ids[: ids.numel() // seq_len * seq_len].reshape(-1, seq_len)
     if max_windows is not None:
         windows = windows[:max_windows]
     if windows.numel() == 0:
-        raise ValueError(f"text has fewer than {seq_len} tokens")
+        raise ValueError(f"text has fewer than {seq_len} tokens ({ids.numel()})")
+    return windows
+
+
+def cache_argument(model) -> str:
+    """The forward argument that takes a KV cache (transformers 5.24 renamed it ``cache``)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def window_nll(model, windows: torch.Tensor, batch_size: int = 8, new_cache: Callable | None = None,
+               progress=None) -> tuple[float, int]:
+    """(summed next-token NLL, predicted tokens) over ``windows``. ``new_cache``: a
+    factory of a fresh KV cache per forward (the served KV-cache quantization)."""
     device = next(model.parameters()).device
+    key = cache_argument(model) if new_cache is not None else None
     nll, count = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
+        cache = new_cache() if new_cache is not None else None
+        kwargs = {key: cache, "use_cache": True} if cache is not None else {"use_cache": False}
+        logits = model(input_ids=batch, **kwargs).logits.float()
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         nll += float(loss)
         count += batch[:, 1:].numel()
+        if progress is not None:
+            progress.update(batch.shape[0])
+    return nll, count
+
+
+def perplexity(model, tokenizer, text: str, seq_len: int = 128, batch_size: int = 8,
+               max_windows: int | None = None) -> float:
+    """exp(mean next-token NLL) over non-overlapping ``seq_len`` windows of ``text``."""
+    nll, count = window_nll(model, token_windows(tokenizer, text, seq_len, max_windows), batch_size)
     return math.exp(nll / count)
 
 
 @torch.inference_mode()
-def mean_pooled_embeddings(model, tokenizer, sentences: list[str], batch_size: int = 16) -> torch.Tensor:
+def mean_pooled_embeddings(model, tokenizer, sentences: list[str], batch_size: int = 16, max_length: int = 256,
+                           progress=None) -> torch.Tensor:
     """Attention-mask-weighted mean of the last hidden state (sentence-transformers pooling)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(sentences), batch_size):
         enc = tokenizer(sentences[start : start + batch_size], padding=True, truncation=True,
-                        max_length=256, return_tensors="pt").to(device)
+                        max_length=max_length, return_tensors="pt").to(device)
         hidden = model(**enc).last_hidden_state.float()
         mask = enc["attention_mask"].unsqueeze(-1).float()
         out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+        if progress is not None:
+            progress.update(len(sentences[start : start + batch_size]))
     return torch.cat(out)

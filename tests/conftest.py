@@ -42,6 +42,24 @@ def tinystories_split(shared, tmp_path_factory) -> tuple[Path, str]:
     return path, heldout
 
 
+CHECKPOINT_SAMPLES, CHECKPOINT_SEQ = 64, 128
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tinystories_split, tmp_path_factory):
+    """One checkpoint per bundled recipe, calibrated on the first 90 % of TinyStories val."""
+    calib_txt, _ = tinystories_split
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    import calib
+
+    for name in calib.bundled_recipes():
+        report = calib.run(model=str(TINYSTORIES), recipe=name, dataset=str(calib_txt), output=root / name,
+                           num_samples=CHECKPOINT_SAMPLES, seq_len=CHECKPOINT_SEQ, batch_size=16, progress=False)
+        out[name] = (root / name, report)
+    return out
+
+
 def cache_kwargs(model, cache) -> dict:
     """``{cache|past_key_values: cache}``: transformers 5.24 renamed the forward argument."""
     import inspect

@@ -18,9 +18,9 @@ from calib.errors import CalibInputError
 from calib.evaluate import perplexity
 from calib.load import read_tensors
 from calib.recipe import CalibrationDefaults
+from conftest import CHECKPOINT_SAMPLES as SAMPLES
+from conftest import CHECKPOINT_SEQ as SEQ
 from conftest import TINYSTORIES, cache_kwargs
-
-SAMPLES, SEQ = 64, 128
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -38,20 +38,6 @@ def tokenizer():
 def fp32_ppl(tinystories_split, tokenizer):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES)).eval()
     return perplexity(model, tokenizer, tinystories_split[1])
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tinystories_split, tmp_path_factory):
-    """One checkpoint per bundled recipe, calibrated on the first 90 % of TinyStories val."""
-    calib_txt, _ = tinystories_split
-    root = tmp_path_factory.mktemp("ckpt")
-    out = {}
-    recipes = {name: name for name in calib.bundled_recipes()}
-    for name, recipe in recipes.items():
-        report = calib.run(model=str(TINYSTORIES), recipe=recipe, dataset=str(calib_txt), output=root / name,
-                           num_samples=SAMPLES, seq_len=SEQ, batch_size=16, progress=False)
-        out[name] = (root / name, report)
-    return out
 
 
 def tensors_of(path):
