@@ -43,6 +43,9 @@ class Calibration:
     # MoE: experts module -> real calibration tokens the router sent to each expert (observing pass)
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)
     all_experts: bool = False  # --moe-calibrate-all-experts: every expert observed every token
+    # GPTQ: module name -> its rounded weight (calib.algorithms.gptq.Solved), for the writer
+    solved: dict = field(default_factory=dict)
+    gptq_fallbacks: dict[str, str] = field(default_factory=dict)  # module -> why it was rounded to nearest
 
 
 def _forward_kwargs(model: nn.Module, plan: Plan, kv: bool, session) -> dict:
@@ -89,6 +92,12 @@ def calibrate(model: nn.Module, recipe: Recipe, data: CalibrationSet | None, bat
     a first pass collects per-channel ranges and the model's weights are
     rescaled in place (same function, flatter activations) before observing.
     """
+    if recipe.gptq is not None:
+        # GPTQ feeds each layer the quantized layers' outputs: the layer-by-layer executor, on the loaded model
+        from calib.sequential import calibrate_sequential
+
+        return calibrate_sequential(model, lambda names: {}, recipe, data, batch_size=batch_size,
+                                    pad_token_id=pad_token_id, progress=progress)
     plan = plan_for(model, recipe)
     calibration = Calibration(plan=plan)
     if not recipe.needs_calibration:

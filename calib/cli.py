@@ -191,6 +191,15 @@ def _print_summary(report: dict) -> None:
         lines.append(f"  warning     recipe {entry} matches no module of this model")
     if report.get("unobserved_modules"):
         lines.append(f"  note        {len(report['unobserved_modules'])} modules saw no tokens (sibling range used)")
+    gptq = report.get("gptq")
+    if gptq:
+        text = f"{gptq['layers_solved']} layers solved"
+        if gptq["mean_output_error"] is not None:
+            text += (f", output error {gptq['mean_output_error']:.4f} (round-to-nearest "
+                     f"{gptq['mean_output_error_round_to_nearest']:.4f})")
+        if gptq["rounded_to_nearest"]:
+            text += f"; {len(gptq['rounded_to_nearest'])} rounded to nearest (see the report)"
+        lines.append(f"  gptq        {text}")
     from calib.moe import moe_summary
 
     moe = moe_summary(report.get("moe"))

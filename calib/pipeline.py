@@ -38,7 +38,7 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: Calibration | None =
     """
     calibration = calibration or calibrate(model, recipe, None)
     return dict(quantized_tensors(model, recipe, calibration.plan, calibration.input_observers,
-                                  calibration.kv_observers, result))
+                                  calibration.kv_observers, result, calibration.solved))
 
 
 def provenance(recipe: Recipe, data: CalibrationSet | None, model: nn.Module | None = None,
@@ -97,7 +97,7 @@ def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Ca
     with scope as folder:
         check_free_space(folder, estimated_checkpoint_bytes(model, recipe, calibration.plan))
         stream = quantized_tensors(model, recipe, calibration.plan, calibration.input_observers,
-                                   calibration.kv_observers, result)
+                                   calibration.kv_observers, result, calibration.solved)
         written = write_tensors(folder, _with_progress(stream, model, calibration.plan, progress),
                                 provenance(recipe, data, model, source), shard_bytes)
         ignore = checkpoint_ignore(recipe, calibration.plan, NameMap.for_model(model, StateDictSource(model)))
@@ -466,9 +466,30 @@ def _add_sections(report: dict, coverage: dict, calibration: Calibration | None,
     from calib.moe import moe_report
 
     report["coverage"] = coverage
+    if calibration is not None and (calibration.solved or calibration.gptq_fallbacks):
+        report["gptq"] = gptq_report(calibration, result)
     moe = moe_report(calibration.expert_tokens, calibration.all_experts, result.unobserved) if calibration else None
     if moe is not None:
         report["moe"] = moe
+
+
+def gptq_report(calibration: Calibration, result: QuantizeResult) -> dict:
+    """The report's ``gptq`` section: layers solved, those rounded to nearest
+    (and why), and the relative output error on the calibration inputs, GPTQ
+    against round-to-nearest (mean over the solved layers, and the worst)."""
+    solved = [layer for layer in result.layers if layer.output_error is not None]
+    worst = sorted(solved, key=lambda layer: layer.output_error, reverse=True)[:5]
+    damped = {n: s.dampening for n, s in calibration.solved.items() if s.escalated}
+    return {
+        "layers_solved": len(solved),
+        "rounded_to_nearest": dict(calibration.gptq_fallbacks),
+        "mean_output_error": round(sum(x.output_error for x in solved) / len(solved), 6) if solved else None,
+        "mean_output_error_round_to_nearest": (round(sum(x.output_error_rtn for x in solved) / len(solved), 6)
+                                               if solved else None),
+        "worst_layers": [{"name": x.name, "output_error": x.output_error,
+                          "output_error_round_to_nearest": x.output_error_rtn} for x in worst],
+        "dampening_escalated": damped,
+    }
 
 
 def _finish_report(report: dict, folder: Path, output: Path, written, result: QuantizeResult, quantize_s: float,

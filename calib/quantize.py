@@ -428,6 +428,9 @@ class LayerStats:
     input_scale: float | None = None
     observed_tokens: int | None = None
     note: str = ""
+    # GPTQ: relative output error on the calibration inputs, GPTQ and round-to-nearest
+    output_error: float | None = None
+    output_error_rtn: float | None = None
 
 
 @dataclass
@@ -504,6 +507,7 @@ def quantized_tensors(
     input_observers: dict[str, Observer] | None = None,
     kv_observers: dict[int, tuple[Observer, Observer]] | None = None,
     result: QuantizeResult | None = None,
+    solved: dict | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's checkpoint, quantized where planned: the model in memory as a
     :class:`calib.checkpoint.StateDictSource` through
@@ -518,7 +522,7 @@ def quantized_tensors(
 
     source = StateDictSource(model)
     yield from quantized_stream(source, NameMap.for_model(model, source), plan, recipe, input_observers,
-                                kv_observers, result=result)
+                                kv_observers, result=result, solved=solved)
 
 
 def quantized_module_tensors(
@@ -591,16 +595,46 @@ def _module_dtype(model: nn.Module, name: str) -> torch.dtype:
     return torch.float32
 
 
-def _quantize_layer(name, weight, recipe, input_amax, shared_weight_amax, input_observers, result, prefix=None):
+def solved_weight(weight: torch.Tensor, args: QuantArgs, solved) -> QuantizedWeight:
+    """A weight GPTQ rounded (:class:`calib.algorithms.gptq.Solved`) as a
+    :class:`QuantizedWeight`: its stored values and scale, and its SQNR against
+    ``weight`` (the float weight it was solved from), on every row."""
+    if tuple(solved.q.shape) != tuple(weight.shape):
+        raise RuntimeError(f"GPTQ solved a {list(solved.q.shape)} weight for a {list(weight.shape)} one: a bug in calib")
+    q = solved.q.to(weight.device)
+    scale = solved.scale.to(device=weight.device, dtype=weight.dtype)
+    full = qmath.expand_scale(scale.to(torch.float32), weight.shape, args.strategy, args.group_size)
+    sqnr = qmath.sqnr_db(weight.to(torch.float32), _as_float32(q) * full)
+    return QuantizedWeight(q, scale, sqnr, weight.shape[0])
+
+
+def weight_scale(weight: torch.Tensor, args: QuantArgs, name: str, shared_weight_amax: dict) -> tuple:
+    """(amax, stored scale) of one weight: the fused group's shared range where
+    there is one, else the recipe's weight observer on the weight."""
+    amax = shared_weight_amax.get(name)
+    if amax is None:
+        amax = weight_amax(weight, args, name)
+    qmax = qmath.qmax_for(args.num_bits, args.is_fp8)
+    return amax, qmath.storage_scale(qmath.symmetric_scale(amax, qmax), weight.dtype)
+
+
+def _quantize_layer(name, weight, recipe, input_amax, shared_weight_amax, input_observers, result, prefix=None,
+                    solved=None):
     """The tensors of one targeted Linear ``name`` (module space), named under
-    ``prefix`` (its checkpoint-space name; ``name`` by default)."""
+    ``prefix`` (its checkpoint-space name; ``name`` by default). ``solved``:
+    module name -> what GPTQ rounded (used as it is, on the scale it chose)."""
     w_args, a_args = recipe.weights, recipe.input_activations
     out = prefix or name
     dtype = weight.dtype
-    amax = shared_weight_amax.get(name)
-    if amax is None:
-        amax = weight_amax(weight, w_args, name)
-    quantized = quantize_weight_sqnr(weight, w_args, amax, dtype)
+    gptq = (solved or {}).get(name)
+    if gptq is not None:
+        quantized = solved_weight(weight, w_args, gptq)
+        amax = quantized.scale.to(torch.float32) * qmath.qmax_for(w_args.num_bits, w_args.is_fp8)
+    else:
+        amax = shared_weight_amax.get(name)
+        if amax is None:
+            amax = weight_amax(weight, w_args, name)
+        quantized = quantize_weight_sqnr(weight, w_args, amax, dtype)
     q, scale = quantized.q, quantized.scale
     stats = LayerStats(
         name=name,
@@ -609,6 +643,9 @@ def _quantize_layer(name, weight, recipe, input_amax, shared_weight_amax, input_
         weight_amax=float(amax.max()),
         weight_sqnr_rows=quantized.sqnr_rows,
     )
+    if gptq is not None:
+        stats.output_error = round(gptq.output_error, 6)
+        stats.output_error_rtn = round(gptq.output_error_rtn, 6)
     if recipe.format == "pack-quantized":
         yield f"{out}.weight_packed", _pack_rows(q, w_args.num_bits)
         yield f"{out}.weight_scale", scale

@@ -157,6 +157,16 @@ class SmoothQuantArgs(BaseModel):
     alpha: float = Field(0.5, gt=0.0, lt=1.0)
 
 
+class GPTQArgs(BaseModel):
+    """GPTQ (error-compensating rounding of the weights, :mod:`calib.algorithms.gptq`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    block_size: int = Field(128, gt=0)
+    dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
+    actorder: bool = True
+
+
 class CalibrationDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -181,6 +191,7 @@ class Recipe(BaseModel):
     input_activations: QuantArgs | None = None
     kv_cache: QuantArgs | None = None
     smoothquant: SmoothQuantArgs | None = None
+    gptq: GPTQArgs | None = None
     calibration: CalibrationDefaults = Field(default_factory=CalibrationDefaults)
 
     @field_validator("targets", "ignore")
@@ -261,7 +272,7 @@ class Recipe(BaseModel):
     def needs_calibration(self) -> bool:
         """Whether any scale comes from activations (static inputs or KV cache)."""
         static_inputs = self.input_activations is not None and not self.input_activations.dynamic
-        return static_inputs or self.kv_cache is not None or self.smoothquant is not None
+        return static_inputs or self.kv_cache is not None or self.smoothquant is not None or self.gptq is not None
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json")

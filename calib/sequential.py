@@ -50,6 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calib.algorithms.smoothquant import SmoothPair, apply_smoothing, smoothing_pairs, smoothing_scales
+from calib import qmath
 from calib.calibration import Calibration, _forward_kwargs, all_experts_observed, input_groups
 from calib.data import CalibrationSet
 from calib.errors import CalibInputError
@@ -253,12 +254,13 @@ class _HiddenStates:
 
         save_file({"hidden": tensor.detach().to("cpu").contiguous()}, str(self._path(index)))
 
-    def _read(self, index: int) -> torch.Tensor:
+    def _read(self, index: int, keep: bool = False) -> torch.Tensor:
         from safetensors.torch import load_file
 
         path = self._path(index)
         tensor = load_file(str(path), device=str(self.device))["hidden"]
-        path.unlink()
+        if not keep:
+            path.unlink()
         return tensor
 
     def clear(self) -> None:
@@ -267,18 +269,21 @@ class _HiddenStates:
             for index in range(self.count):
                 self._path(index).unlink(missing_ok=True)
 
-    def take_all(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """Each batch's tensor once, in order; the store lets go of it (memory slot or file)."""
+    def take_all(self, keep: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+        """Each batch's tensor once, in order; the store lets go of it (memory slot
+        or file) unless ``keep`` (a pass whose outputs are not kept: GPTQ's Hessians)."""
         if self.folder is None:
             for index in range(self.count):
-                tensor, self._memory[index] = self._memory[index], None
+                tensor = self._memory[index]
+                if not keep:
+                    self._memory[index] = None
                 yield index, tensor
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calib-spill") as pool:
-            ahead = pool.submit(self._read, 0) if self.count else None
+            ahead = pool.submit(self._read, 0, keep) if self.count else None
             for index in range(self.count):
                 tensor = ahead.result()
-                ahead = pool.submit(self._read, index + 1) if index + 1 < self.count else None
+                ahead = pool.submit(self._read, index + 1, keep) if index + 1 < self.count else None
                 yield index, tensor
 
 
@@ -420,6 +425,7 @@ class _Stream:
     store: _HiddenStates | None = None
     calls: list[list[_Call]] = field(default_factory=list)  # [batch][layer]
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # MoE routing counts (see calib.hooks)
+    hessians: list[InputGroup] = field(default_factory=list)  # GPTQ: one per fused group of targets
 
 
 @dataclass
@@ -465,10 +471,33 @@ def _streams(model: nn.Module, recipe: Recipe, plan: Plan, layout: DecoderLayers
     groups = input_groups(plan, recipe, result)
     if recipe.kv_cache is not None:
         result.kv_observers = {i: (Observer(), Observer()) for i in plan.attention}
-    if groups or result.kv_observers:
+    hessians = _hessian_groups(plan, recipe, layout, result)
+    if groups or result.kv_observers or hessians:
         streams.append(_Stream("calibrate", kv=recipe.kv_cache is not None, groups=groups,
-                               kv_observers=result.kv_observers))
+                               kv_observers=result.kv_observers, hessians=hessians))
     return streams
+
+
+def _hessian_groups(plan: Plan, recipe: Recipe, layout: DecoderLayers,
+                    result: SequentialCalibration) -> list[InputGroup]:
+    """GPTQ's Hessian accumulators, one per group of targets that read one input;
+    targets outside the decoder layers (an LM head, a pooler) are rounded to
+    nearest, which the report lists."""
+    from calib.algorithms.gptq import HessianObserver
+
+    if recipe.gptq is None:
+        return []
+    found, done = [], set()
+    for name in plan.targets:
+        if name in done:
+            continue
+        members = plan.group_of(name)
+        done.update(members)
+        if layout.layer_of(name) is None:
+            result.gptq_fallbacks.update({m: "outside the decoder layers: rounded to nearest" for m in members})
+            continue
+        found.append(InputGroup(names=members, observer=HessianObserver()))
+    return found
 
 
 def _default_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -549,7 +578,7 @@ def calibrate_sequential(model: nn.Module, load_weights: LoadWeights, recipe: Re
         if tail_groups:
             streams[-1].last_layer, streams[-1].feeds_tail = count - 1, True
         elif streams[-1].name == "calibrate":
-            observed = [walk.layout.layer_of(g.names[0]) for g in streams[-1].groups]
+            observed = [walk.layout.layer_of(g.names[0]) for g in streams[-1].groups + streams[-1].hessians]
             observed += [walk.layout.layer_of(plan.attention[i]) for i in streams[-1].kv_observers]
             streams[-1].last_layer = max((i for i in observed if i is not None), default=-1)
 
@@ -565,7 +594,9 @@ def calibrate_sequential(model: nn.Module, load_weights: LoadWeights, recipe: Re
                         observing = stream.name == "calibrate"  # as calibrate(): the observing pass only
                         with all_experts_observed(model, recipe) if observing else contextlib.nullcontext(False) \
                                 as all_experts:
-                            tuple_out = _run_layer(walk, index, stream) or tuple_out
+                            with _gptq_layer(walk, index, stream, recipe, result) if observing \
+                                    else contextlib.nullcontext():
+                                tuple_out = _run_layer(walk, index, stream) or tuple_out
                         result.all_experts = result.all_experts or all_experts
                         _smooth_layer(model, [p for p in stream.pairs if layout.layer_of(p[0].producer) == index],
                                       recipe, result.transforms)
@@ -699,16 +730,22 @@ def _layer_output_kind(walk: _Walk, kv: bool) -> bool:
     return False  # the catch proper explains the problem
 
 
-def _run_layer(walk: _Walk, index: int, stream: _Stream) -> bool:
+def _run_layer(walk: _Walk, index: int, stream: _Stream, hessians: list[InputGroup] | None = None) -> bool:
     """Every batch of ``stream`` through layer ``index`` with its observers; returns
-    whether the layer returns a tuple."""
+    whether the layer returns a tuple. With ``hessians`` (GPTQ's first pass) only
+    those observe, and the outputs are dropped: the inputs stay for the next pass."""
     layout, config = walk.layout, getattr(walk.model, "config", None)
     layer = layout.layers[index]
-    groups = [g for g in stream.groups if layout.layer_of(g.names[0]) == index]
-    kv = {i: obs for i, obs in stream.kv_observers.items() if layout.layer_of(walk.plan.attention[i]) == index}
+    keep = hessians is not None
+    if keep:
+        groups, kv, expert_tokens = hessians, {}, {}
+    else:
+        groups = [g for g in stream.groups if layout.layer_of(g.names[0]) == index]
+        kv = {i: obs for i, obs in stream.kv_observers.items() if layout.layer_of(walk.plan.attention[i]) == index}
+        expert_tokens = stream.expert_tokens
     tuple_out = False
-    with torch.inference_mode(), observe(walk.model, groups, kv, stream.expert_tokens) as session:
-        for batch, hidden in stream.store.take_all():
+    with torch.inference_mode(), observe(walk.model, groups, kv, expert_tokens) as session:
+        for batch, hidden in stream.store.take_all(keep=keep):
             session.set_mask(walk.batches[batch]["attention_mask"])
             args, kwargs = stream.calls[batch][index].bind(hidden, lambda: observing_cache(session, config))
             out = layer(*args, **kwargs)
@@ -719,8 +756,58 @@ def _run_layer(walk: _Walk, index: int, stream: _Stream) -> bool:
                                       f"{list(getattr(result, 'shape', []))} for hidden states "
                                       f"{list(hidden.shape)}: sequential mode expects the next hidden states first")
             del out, hidden, args, kwargs
-            stream.store.put(batch, result)
+            if not keep:
+                stream.store.put(batch, result)
     return tuple_out
+
+
+@contextlib.contextmanager
+def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result: SequentialCalibration):
+    """GPTQ for layer ``index``: a pass over the stream's inputs accumulating each
+    target group's Hessian, the solve, and then, for the block (the observing
+    pass that makes the next layer's inputs), the layer's weights replaced by the
+    rounded ones, so every later layer sees the quantized layer's outputs. The
+    float weights come back afterwards: what GPTQ chose goes to the writer as data
+    (``result.solved``), like SmoothQuant's transforms."""
+    from calib.algorithms.gptq import solve
+    from calib.quantize import finite_amax, weight_scale
+
+    hessians = [g for g in stream.hessians if walk.layout.layer_of(g.names[0]) == index]
+    if not hessians:
+        yield
+        return
+    _run_layer(walk, index, stream, hessians)
+    model, args, gptq = walk.model, recipe.weights, recipe.gptq
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for group in hessians:
+            observer = group.observer
+            if not observer.observed:
+                result.gptq_fallbacks.update({n: "no calibration tokens reached it: rounded to nearest"
+                                              for n in group.names})
+                continue
+            params = [model.get_submodule(n).weight for n in group.names]
+            shared = {}
+            if args.is_fp8 and args.strategy == "tensor" and len(group.names) > 1:
+                top = torch.stack([finite_amax(n, p.detach(), "tensor") for n, p in zip(group.names, params)]).max()
+                shared = {n: top.reshape(1) for n in group.names}
+            scales = [weight_scale(p.detach(), args, n, shared)[1] for n, p in zip(group.names, params)]
+            solved = solve(group.names, [p.detach() for p in params], scales, observer.h, args,
+                           block_size=gptq.block_size, dampening_frac=gptq.dampening_frac, actorder=gptq.actorder)
+            observer.h = None  # [in, in] float32 per group: freed as soon as it is used
+            for name, param in zip(group.names, params):
+                rounded = solved[name]
+                full = qmath.expand_scale(rounded.scale.to(torch.float32), param.shape, args.strategy,
+                                          args.group_size)
+                saved.append((param, param.detach().clone()))
+                with torch.no_grad():
+                    param.copy_((rounded.q.to(torch.float32) * full).to(device=param.device, dtype=param.dtype))
+            result.solved.update(solved)
+        yield
+    finally:
+        with torch.no_grad():
+            for param, original in saved:
+                param.copy_(original)
 
 
 def _smooth_layer(model: nn.Module, layer_pairs: list[tuple[SmoothPair, InputGroup]], recipe: Recipe,
