@@ -532,6 +532,7 @@ def quantized_module_tensors(
     input_observers: dict[str, Observer] | None = None,
     kv_observers: dict[int, tuple[Observer, Observer]] | None = None,
     result: QuantizeResult | None = None,
+    solved: dict | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The module-space reference: ``model.state_dict()`` quantized where planned,
     under the *module's* names, in ``state_dict`` order.
@@ -570,7 +571,7 @@ def quantized_module_tensors(
             continue
         start = time.perf_counter()
         yield from _quantize_layer(module_name, tensor, recipe, input_amax, shared_weight_amax,
-                                   input_observers or {}, result)
+                                   input_observers or {}, result, solved=solved)
         result.seconds += time.perf_counter() - start
 
     start = time.perf_counter()

@@ -150,3 +150,16 @@ def test_gptq_recipes_end_to_end(tinystories_split, tmp_path):
     ppl_float = _ppl(TINYSTORIES, windows)
     ppl_rtn, ppl_gptq = _ppl(tmp_path / "rtn", windows), _ppl(tmp_path / "gptq", windows)
     assert ppl_gptq - ppl_float < 0.85 * (ppl_rtn - ppl_float), (ppl_float, ppl_rtn, ppl_gptq)
+
+
+def test_fp8_grid_rounding_is_the_cast_bit_for_bit():
+    from calib.algorithms.gptq import round_to_fp8_grid
+
+    torch.manual_seed(3)
+    every = torch.arange(256, dtype=torch.uint8).view(qmath.FP8_DTYPE).to(torch.float32)
+    every = every[torch.isfinite(every)]
+    midpoints = (every.sort().values[1:] + every.sort().values[:-1]) / 2  # ties: to even, as the cast
+    values = torch.cat([torch.randn(20000) * 10 ** torch.empty(20000).uniform_(-4, 3), every, midpoints,
+                        torch.tensor([500.0, -1e6, 1e-12, 0.0])])
+    want = values.clamp(-448, 448).to(qmath.FP8_DTYPE).to(torch.float32)
+    assert torch.equal(round_to_fp8_grid(values), want)

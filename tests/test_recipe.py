@@ -21,6 +21,8 @@ BUNDLED = {
     "int8-w8a8-static": ("int-quantized", ("int", "channel", False), ("int", "tensor", False), False),
     "int8-w8a16": ("pack-quantized", ("int", "channel", False), None, False),
     "int4-w4a16": ("pack-quantized", ("int", "group", False), None, False),
+    "int8-w8a8-gptq": ("int-quantized", ("int", "channel", False), ("int", "tensor", False), False),
+    "int4-w4a16-gptq": ("pack-quantized", ("int", "group", False), None, False),
 }
 KV_KEYS = {"num_bits", "type", "symmetric", "strategy", "dynamic", "group_size", "block_structure",
            "actorder", "observer", "observer_kwargs"}
@@ -44,7 +46,7 @@ def recipe_error(path) -> str:
 
 # --- bundled recipes ---------------------------------------------------------
 
-def test_bundled_recipes_are_exactly_the_six_documented_schemes():
+def test_bundled_recipes_are_exactly_the_documented_schemes():
     assert sorted(bundled_recipes()) == sorted(BUNDLED)
 
 
@@ -59,13 +61,15 @@ def test_bundled_recipe_loads_by_name_with_its_format_and_scheme(name):
     assert (recipe.kv_cache is not None) == has_kv
     assert recipe.weights.num_bits == (4 if name.startswith("int4") else 8) and recipe.weights.symmetric
     assert recipe.targets == ["Linear"] and recipe.ignore == ["lm_head"]
+    assert (recipe.gptq is not None) == name.endswith("-gptq")
 
 
 @pytest.mark.parametrize("name,needs", [
     ("fp8-static", True), ("fp8-static-kv", True), ("int8-w8a8-static", True),
     ("fp8-dynamic", False), ("int8-w8a8-dynamic", False), ("int8-w8a16", False), ("int4-w4a16", False),
+    ("int8-w8a8-gptq", True), ("int4-w4a16-gptq", True),
 ])
-def test_only_static_activation_or_kv_recipes_need_calibration_data(name, needs):
+def test_only_static_activation_kv_or_gptq_recipes_need_calibration_data(name, needs):
     assert load_recipe(name).needs_calibration is needs
 
 

@@ -89,6 +89,24 @@ def _round(w: torch.Tensor, s: torch.Tensor, is_fp8: bool, qmax: float) -> torch
     return torch.round(w / s).clamp_(-qmax - 1, qmax).to(torch.int8)
 
 
+def round_to_fp8_grid(v: torch.Tensor) -> torch.Tensor:
+    """``v.clamp(-448, 448)`` rounded to the nearest FP8 E4M3 value (ties to even),
+    in float32: the values of ``v.to(float8_e4m3fn)``, bit for bit, without the
+    cast (slow on the CPU for GPTQ's column-at-a-time work). E4M3 keeps 3
+    mantissa bits: the step is ``2^(exponent - 3)``, and ``2^-9`` for subnormals."""
+    v = v.clamp(-qmath.FP8_MAX, qmath.FP8_MAX)
+    _, exponent = torch.frexp(v)  # |v| in [2^(e-1), 2^e)
+    step = torch.ldexp(torch.ones_like(v), (exponent - 4).clamp_(min=-9))
+    return torch.round(v / step) * step
+
+
+def _grid(v: torch.Tensor, is_fp8: bool, qmax: float) -> torch.Tensor:
+    """``v`` (already divided by its scale) on the stored grid, in float32."""
+    if is_fp8:
+        return round_to_fp8_grid(v)
+    return torch.round(v).clamp_(-qmax - 1, qmax)
+
+
 def inverse_hessian_factor(h: torch.Tensor, dampening_frac: float, name: str) -> tuple[torch.Tensor, float]:
     """The upper Cholesky factor of ``(H + damp I)^-1`` (float32) and the
     dampening fraction used: escalated x10 while ``H`` is not positive definite."""
@@ -120,46 +138,51 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, scale_full: torch.Tensor, is_fp
                name: str = "weight") -> tuple[torch.Tensor, float]:
     """GPTQ-rounded stored values of ``w`` [out, in] on the fixed scales
     ``scale_full`` (float32, ``w``'s shape), with Hessian ``h`` [in, in];
-    returns (values, dampening fraction used)."""
-    w = w.to(torch.float32).clone()
-    s = scale_full.to(torch.float32)
+    returns (values, dampening fraction used).
+
+    Works on the transposed weight, so that each input column is a contiguous
+    row, and on the stored grid in float32 (one cast at the end)."""
     h = h.to(torch.float32).clone()
     dead = torch.diagonal(h) == 0
     if bool(dead.any()):
         h[dead, dead] = 1.0
+    wt = w.to(torch.float32).T.contiguous()  # [in, out]
+    st = scale_full.to(torch.float32).T.contiguous()
     order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if actorder else None
     if order is not None:
-        w, s, h = w[:, order], s[:, order], h[order][:, order]
-        dead = dead[order]
+        wt, st, h, dead = wt[order], st[order], h[order][:, order], dead[order]
     upper, damp = inverse_hessian_factor(h, dampening_frac, name)
-    rows, cols = w.shape
-    q = torch.empty(w.shape, dtype=qmath.FP8_DTYPE if is_fp8 else torch.int8)
+    cols = wt.shape[0]
+    grid = torch.empty_like(wt)  # the stored values, in float32
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        block = w[:, start:end]  # a view: updated in place
-        errors = torch.empty((rows, end - start), dtype=torch.float32)
+        block = wt[start:end]  # a view: updated in place
+        errors = torch.empty_like(block)
         u = upper[start:end, start:end]
         for i in range(end - start):
-            col = block[:, i]
-            sc = s[:, start + i]
-            stored = _round(col, sc, is_fp8, qmax)
-            q[:, start + i] = stored
-            error = (col - stored.to(torch.float32) * sc) / u[i, i]
+            col, sc = block[i], st[start + i]
+            stored = _grid(col / sc, is_fp8, qmax)
+            grid[start + i] = stored
+            error = (col - stored * sc).div_(u[i, i])
             if bool(dead[start + i]):
                 error.zero_()
-            block[:, i + 1:] -= error.unsqueeze(1) * u[i, i + 1:].unsqueeze(0)
-            errors[:, i] = error
-        w[:, end:] -= errors @ upper[start:end, end:]
+            if i + 1 < end - start:
+                block[i + 1:].addr_(u[i, i + 1:], error, alpha=-1.0)
+            errors[i] = error
+        if end < cols:
+            wt[end:].addmm_(upper[start:end, end:].T, errors, alpha=-1.0)
     if order is not None:
-        q = q[:, torch.argsort(order)]
-    return q, damp
+        grid = grid[torch.argsort(order)]
+    q = grid.T.contiguous()
+    return (q.to(qmath.FP8_DTYPE) if is_fp8 else q.to(torch.int8)), damp
 
 
 def output_error(w: torch.Tensor, deq: torch.Tensor, h: torch.Tensor) -> float:
     """``|| X (deq - w)^T || / || X w^T ||`` from ``H = X^T X`` alone (Frobenius norms)."""
-    w, d, h = w.to(torch.float64), (deq.to(torch.float64) - w.to(torch.float64)), h.to(torch.float64)
-    signal = float(torch.einsum("oi,ij,oj->", w, h, w))
-    noise = float(torch.einsum("oi,ij,oj->", d, h, d))
+    w, h = w.to(torch.float32), h.to(torch.float32)
+    d = deq.to(torch.float32) - w
+    signal = float(((w @ h) * w).sum(dtype=torch.float64))
+    noise = float(((d @ h) * d).sum(dtype=torch.float64))
     return math.sqrt(max(noise, 0.0) / signal) if signal > 0 else 0.0
 
 
