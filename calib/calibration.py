@@ -108,6 +108,8 @@ def calibrate(model: nn.Module, recipe: Recipe, data: CalibrationSet | None, bat
     if recipe.kv_cache is not None:
         calibration.kv_observers = {i: (Observer(), Observer()) for i in plan.attention}
 
+    log.info("calibrating: %d samples in %d batches of up to %d", len(data.samples), data.num_batches(batch_size),
+             batch_size)
     start = time.perf_counter()
     if recipe.smoothquant is not None:
         calibration.smoothed = _smooth(model, recipe, plan, data, batch_size, pad_token_id, progress)

@@ -195,8 +195,8 @@ def _print_summary(report: dict) -> None:
     if gptq:
         text = f"{gptq['layers_solved']} layers solved"
         if gptq["mean_output_error"] is not None:
-            text += (f", output error {gptq['mean_output_error']:.4f} (round-to-nearest "
-                     f"{gptq['mean_output_error_round_to_nearest']:.4f})")
+            text += (f"; relative output error from the weights {gptq['mean_output_error']:.4f} (mean; "
+                     f"round-to-nearest {gptq['mean_output_error_round_to_nearest']:.4f})")
         if gptq["rounded_to_nearest"]:
             text += f"; {len(gptq['rounded_to_nearest'])} rounded to nearest (see the report)"
         lines.append(f"  gptq        {text}")

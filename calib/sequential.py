@@ -148,9 +148,14 @@ class SequentialMemory:
     extras_bytes: int  # attention masks and position tables kept per batch
     workspace_bytes: int  # one layer's forward over one batch
     runtime_bytes: int = RUNTIME_OVERHEAD
+    # GPTQ: the rounded weights kept for the writer (1 byte a parameter), and one layer's
+    # work (its Hessians, float32 in x in per group, and a copy of its float weights)
+    solved_bytes: int = 0
+    gptq_layer_bytes: int = 0
 
     def peak(self, spilled: bool) -> int:
-        fixed = self.runtime_bytes + self.unit_bytes + self.workspace_bytes + self.extras_bytes
+        fixed = (self.runtime_bytes + self.unit_bytes + self.workspace_bytes + self.extras_bytes
+                 + self.solved_bytes + self.gptq_layer_bytes)
         if spilled:  # one batch read ahead, one being run, one output being written
             return fixed + 3 * self.batch_hidden_bytes
         return fixed + self.streams * self.hidden_bytes + self.batch_hidden_bytes
@@ -208,11 +213,24 @@ def sequential_memory(model: nn.Module, data: CalibrationSet, batch_size: int, d
     sizes = [unit_bytes(model, u.prefix, dtype, slots)] + [unit_bytes(model, n, dtype, slots) for n in u.layers]
     if any(layout.layer_of(name) is None for name in targets):
         sizes.append(unit_bytes(model, u.tail, dtype, slots))
-    streams = 2 if recipe is not None and recipe.smoothquant is not None and _observes(recipe) else 1
+    streams = 2 if (recipe is not None and recipe.smoothquant is not None and _observes(recipe)
+                    and recipe.gptq is None) else 1
     seq_len = max((width for _, width, _ in shapes), default=0)
+    solved = gptq_layer = 0
+    if recipe is not None and recipe.gptq is not None:
+        in_layers = {n: m for n, m in targets.items() if layout.layer_of(n) is not None}
+        solved = sum(m.weight.numel() for m in in_layers.values())
+        per_layer: dict[int, int] = {}
+        for name, module in in_layers.items():
+            index = layout.layer_of(name)
+            # a Hessian per target (fused siblings share one: an overestimate) + the weight's float copy
+            per_layer[index] = (per_layer.get(index, 0) + 4 * module.weight.shape[1] ** 2
+                                + module.weight.numel() * element)
+        gptq_layer = max(per_layer.values(), default=0)
     return SequentialMemory(unit_bytes=max(sizes), hidden_bytes=sum(per_batch),
                             batch_hidden_bytes=max(per_batch, default=0), streams=streams, extras_bytes=extras,
-                            workspace_bytes=forward_workspace_bytes(config, batch_size, seq_len, element))
+                            workspace_bytes=forward_workspace_bytes(config, batch_size, seq_len, element),
+                            solved_bytes=solved, gptq_layer_bytes=gptq_layer)
 
 
 def estimate_sequential_peak(model: nn.Module, data: CalibrationSet, batch_size: int,
@@ -426,6 +444,7 @@ class _Stream:
     calls: list[list[_Call]] = field(default_factory=list)  # [batch][layer]
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # MoE routing counts (see calib.hooks)
     hessians: list[InputGroup] = field(default_factory=list)  # GPTQ: one per fused group of targets
+    gptq_pairs: list[tuple[SmoothPair, InputGroup]] = field(default_factory=list)  # SmoothQuant, with GPTQ
 
 
 @dataclass
@@ -454,6 +473,7 @@ def _streams(model: nn.Module, recipe: Recipe, plan: Plan, layout: DecoderLayers
     """The SmoothQuant stream (unsmoothed model, per-channel ranges), then the
     observing stream (smoothed model, the recipe's observers): either may be absent."""
     streams = []
+    smooth_pairs: list[tuple[SmoothPair, InputGroup]] = []
     if recipe.smoothquant is not None:
         pairs = smoothing_pairs(model, plan.targets)
         if not pairs:
@@ -465,16 +485,21 @@ def _streams(model: nn.Module, recipe: Recipe, plan: Plan, layout: DecoderLayers
                 raise CalibInputError(f"SmoothQuant pair {pair.producer} -> {pair.consumers} spans more than one "
                                       "layer: sequential mode rescales one layer at a time")
         groups = [InputGroup(names=[pair.consumers[0]], observer=ChannelMaxObserver()) for pair in pairs]
-        streams.append(_Stream("smoothquant", kv=False, groups=groups, pairs=list(zip(pairs, groups)),
-                               last_layer=max(layout.layer_of(p.producer) for p in pairs)))
+        smooth_pairs = list(zip(pairs, groups))
+        if recipe.gptq is None:
+            streams.append(_Stream("smoothquant", kv=False, groups=groups, pairs=smooth_pairs,
+                                   last_layer=max(layout.layer_of(p.producer) for p in pairs)))
         result.smoothed = len(pairs)
     groups = input_groups(plan, recipe, result)
     if recipe.kv_cache is not None:
         result.kv_observers = {i: (Observer(), Observer()) for i in plan.attention}
     hessians = _hessian_groups(plan, recipe, layout, result)
     if groups or result.kv_observers or hessians:
+        # With GPTQ the SmoothQuant ranges come from GPTQ's first pass over this stream
+        # (the inputs the quantized model gives each layer): one stream, two passes a layer.
         streams.append(_Stream("calibrate", kv=recipe.kv_cache is not None, groups=groups,
-                               kv_observers=result.kv_observers, hessians=hessians))
+                               kv_observers=result.kv_observers, hessians=hessians,
+                               gptq_pairs=smooth_pairs if hessians else []))
     return streams
 
 
@@ -632,8 +657,10 @@ def _check_budget(memory: SequentialMemory, budget: int | None, spill_dir: Path 
             f"memory budget {human(budget)} is below the least sequential calibration needs, {human(memory.minimum)}: "
             f"the largest layer {human(memory.unit_bytes)} + one batch's forward {human(memory.workspace_bytes)} + "
             f"3 batches of hidden states {human(3 * memory.batch_hidden_bytes)} + masks and position tables "
-            f"{human(memory.extras_bytes)} + runtime {human(memory.runtime_bytes)}. Raise --max-memory, or lower "
-            "--batch-size or --seq-len.")
+            f"{human(memory.extras_bytes)} + runtime {human(memory.runtime_bytes)}"
+            + (f" + GPTQ's rounded weights {human(memory.solved_bytes)} and one layer's Hessians "
+               f"{human(memory.gptq_layer_bytes)}" if memory.solved_bytes else "")
+            + ". Raise --max-memory, or lower --batch-size or --seq-len.")
     if memory.peak(spilled=False) <= budget:
         return False
     held = memory.streams * memory.hidden_bytes
@@ -773,11 +800,18 @@ def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result
     from calib.quantize import finite_amax, weight_scale
 
     hessians = [g for g in stream.hessians if walk.layout.layer_of(g.names[0]) == index]
+    pairs = [p for p in stream.gptq_pairs if walk.layout.layer_of(p[0].producer) == index]
     if not hessians:
         yield
         return
-    _run_layer(walk, index, stream, hessians)
+    _run_layer(walk, index, stream, hessians + [group for _, group in pairs])
     model, args, gptq = walk.model, recipe.weights, recipe.gptq
+    # SmoothQuant divides a consumer's input channels by s: its Hessian becomes H / (s s^T)
+    for pair, scales in _smooth_layer(model, pairs, recipe, result.transforms):
+        for group in hessians:
+            if pair.consumers[0] in group.names and group.observer.observed:
+                s = scales.to(group.observer.h.device)
+                group.observer.h = group.observer.h / s.unsqueeze(0) / s.unsqueeze(1)
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         for group in hessians:
@@ -811,9 +845,10 @@ def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result
 
 
 def _smooth_layer(model: nn.Module, layer_pairs: list[tuple[SmoothPair, InputGroup]], recipe: Recipe,
-                  transforms: dict[str, list[ChannelScale]]) -> None:
+                  transforms: dict[str, list[ChannelScale]]) -> list[tuple[SmoothPair, torch.Tensor]]:
     """Rescale one layer's pairs as ``calibration._smooth`` does (same order, same
-    functions), and record the rescaling per tensor."""
+    functions), and record the rescaling per tensor; returns the pairs' scales."""
+    done = []
     for pair, group in layer_pairs:
         if not group.observer.observed:
             continue
@@ -827,6 +862,8 @@ def _smooth_layer(model: nn.Module, layer_pairs: list[tuple[SmoothPair, InputGro
             transforms.setdefault(f"{pair.producer}.bias", []).append(ChannelScale(s, dim=0, divide=True))
         for name in pair.consumers:
             transforms.setdefault(f"{name}.weight", []).append(ChannelScale(s, dim=1, divide=False))
+        done.append((pair, s))
+    return done
 
 
 def _tail(walk: _Walk, stream: _Stream, groups: list[InputGroup], tuple_out: bool) -> None:

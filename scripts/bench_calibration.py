@@ -4,7 +4,8 @@
 For each model, in one process: a plain forward over the calibration set
 (``model(**batch)``, no cache, full logits: what a user's own loop does), the
 same forward with calib's forward arguments but no hooks, then calib's
-calibration pass with the min-max and with the percentile observer. Each model
+calibration pass with the min-max and with the percentile observer, then with
+GPTQ (fp8-static + GPTQ, and int8-w8a8-gptq: SmoothQuant + GPTQ). Each model
 runs in its own subprocess so peak RSS is per model. Ratios are taken within
 one process, side by side, since machines are noisy.
 
@@ -96,6 +97,11 @@ def bench_one(name: str, samples: int, seq_len: int, batch_size: int) -> list[di
         base = calib.load_recipe("fp8-static")
         acts = base.input_activations.model_copy(update={"observer": observer})
         recipes[observer] = base.model_copy(update={"input_activations": acts})
+    # GPTQ (layer by layer: Hessians, solve, the quantized layer's outputs), then SmoothQuant + GPTQ,
+    # which rescales the model in place: last.
+    recipes["fp8-static + GPTQ"] = calib.load_recipe("fp8-static").model_copy(
+        update={"gptq": calib.recipe.GPTQArgs()})
+    recipes["int8-w8a8-gptq (SmoothQuant + GPTQ)"] = calib.load_recipe("int8-w8a8-gptq")
     lean_kwargs = _forward_kwargs(model, plan_for(model, recipes["minmax"]), False, ObservationSession())
 
     def lean():
@@ -124,7 +130,7 @@ def bench_one(name: str, samples: int, seq_len: int, batch_size: int) -> list[di
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | params (M) | observer | samples x seq | plain forward (s) | calibrate (s) | ratio "
+    head = ("| model | params (M) | observer / recipe | samples x seq | plain forward (s) | calibrate (s) | ratio "
             "| hook-only ratio | peak RSS (MB) |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:

@@ -228,9 +228,10 @@ def test_ctrl_c_and_sigterm_mid_calibration_exit_cleanly(sig, code, tmp_path):
              "--no-progress"], stderr=stderr, stdout=subprocess.DEVNULL, cwd=tmp_path,
             env=dict(os.environ, HF_HUB_OFFLINE="1"))
         deadline = time.monotonic() + 300
-        while not _leftovers(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # the temporary output appears once start-up checks pass
-        time.sleep(1.0)
+        while "calibrating:" not in err.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # logged once the model is loaded and the batches are built
+        assert _leftovers(tmp_path), "the temporary output exists before calibration starts"
+        time.sleep(0.5)
         proc.send_signal(sig)
         assert proc.wait(timeout=120) == code, err.read_text()
     assert "Traceback" not in err.read_text()
