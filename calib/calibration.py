@@ -46,6 +46,8 @@ class Calibration:
     # GPTQ: module name -> its rounded weight (calib.algorithms.gptq.Solved), for the writer
     solved: dict = field(default_factory=dict)
     gptq_fallbacks: dict[str, str] = field(default_factory=dict)  # module -> why it was rounded to nearest
+    # module name -> a few calibration input rows (calib.observers.RowSampler), for each layer's output error
+    samples: dict = field(default_factory=dict)
 
 
 def _forward_kwargs(model: nn.Module, plan: Plan, kv: bool, session) -> dict:
@@ -83,6 +85,23 @@ def input_groups(plan: Plan, recipe: Recipe, calibration: Calibration) -> list[I
     return groups
 
 
+def sample_groups(plan: Plan, calibration: Calibration) -> list[InputGroup]:
+    """A :class:`~calib.observers.RowSampler` per group of targets that read one
+    input (registered in ``calibration.samples``), for each layer's output error."""
+    from calib.observers import RowSampler
+
+    groups, done = [], set()
+    for name in plan.targets:
+        if name in done:
+            continue
+        members = plan.group_of(name)
+        done.update(members)
+        group = InputGroup(names=members, observer=RowSampler())
+        groups.append(group)
+        calibration.samples.update({m: group.observer for m in members})
+    return groups
+
+
 def calibrate(model: nn.Module, recipe: Recipe, data: CalibrationSet | None, batch_size: int = 8,
               pad_token_id: int = 0, progress: bool = True) -> Calibration:
     """Run the calibration set through the model with observers attached.
@@ -104,7 +123,7 @@ def calibrate(model: nn.Module, recipe: Recipe, data: CalibrationSet | None, bat
         return calibration
     if data is None or not data.samples:
         raise CalibInputError(f"recipe {recipe.name!r} has static scales and needs calibration data")
-    groups = input_groups(plan, recipe, calibration)
+    groups = input_groups(plan, recipe, calibration) + sample_groups(plan, calibration)
     if recipe.kv_cache is not None:
         calibration.kv_observers = {i: (Observer(), Observer()) for i in plan.attention}
 

@@ -191,6 +191,10 @@ def _print_summary(report: dict) -> None:
         lines.append(f"  warning     recipe {entry} matches no module of this model")
     if report.get("unobserved_modules"):
         lines.append(f"  note        {len(report['unobserved_modules'])} modules saw no tokens (sibling range used)")
+    errors = report.get("output_error")
+    if errors:
+        worst = ", ".join(f"{e['name']} {e['output_error']:.4f}" for e in errors["worst_layers"][:3])
+        lines.append(f"  output err  mean {errors['mean']:.4f}; worst {worst}")
     gptq = report.get("gptq")
     if gptq:
         text = f"{gptq['layers_solved']} layers solved"

@@ -242,7 +242,7 @@ def run_sequential(choice: ModeChoice, outline, recipe: Recipe, data, out: Path,
         written = write_checkpoint(out, source, name_map, cal.plan, recipe, cal.input_observers, cal.kv_observers,
                                    cal.transforms, dtype=module_dtypes(skeleton), metadata=metadata,
                                    max_shard_size=max_shard_bytes, workers=default_workers(), result=result,
-                                   progress=progress, solved=cal.solved)
+                                   progress=progress, solved=cal.solved, samples=cal.samples)
         write_s = time.perf_counter() - write_start
         ignore = checkpoint_ignore(recipe, cal.plan, name_map)
         size_before = sum(source.raw(n).nbytes for n in source.names())

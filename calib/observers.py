@@ -124,6 +124,34 @@ class ChannelMaxObserver:
         return self.amax is not None
 
 
+class RowSampler:
+    """Up to ``max_rows`` real-token input rows, spread evenly over the first
+    batch that has them (float32, on the CPU): what a layer's output error is
+    measured on after quantizing (:func:`calib.quantize.layer_output_error`)."""
+
+    name = "row-sampler"
+
+    def __init__(self, max_rows: int = 32) -> None:
+        self.max_rows = max_rows
+        self.rows: torch.Tensor | None = None
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        if self.rows is not None:
+            return
+        rows = _valid(x, mask)
+        if rows.shape[0] == 0:
+            return
+        step = max(1, rows.shape[0] // self.max_rows)
+        self.rows = rows[::step][: self.max_rows].to(device="cpu", dtype=torch.float32).clone()
+        self.count = int(self.rows.shape[0])
+
+    @property
+    def observed(self) -> bool:
+        return self.rows is not None
+
+
 def histogram_percentile(hist: torch.Tensor, edge: float, percentile: float) -> float:
     """Value below which ``percentile`` % of the mass of ``hist`` lies.
 

@@ -38,7 +38,8 @@ def quantize(model: nn.Module, recipe: Recipe, calibration: Calibration | None =
     """
     calibration = calibration or calibrate(model, recipe, None)
     return dict(quantized_tensors(model, recipe, calibration.plan, calibration.input_observers,
-                                  calibration.kv_observers, result, calibration.solved))
+                                  calibration.kv_observers, result, calibration.solved,
+                                  calibration.samples))
 
 
 def provenance(recipe: Recipe, data: CalibrationSet | None, model: nn.Module | None = None,
@@ -97,7 +98,8 @@ def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Ca
     with scope as folder:
         check_free_space(folder, estimated_checkpoint_bytes(model, recipe, calibration.plan))
         stream = quantized_tensors(model, recipe, calibration.plan, calibration.input_observers,
-                                   calibration.kv_observers, result, calibration.solved)
+                                   calibration.kv_observers, result, calibration.solved,
+                                   calibration.samples)
         written = write_tensors(folder, _with_progress(stream, model, calibration.plan, progress),
                                 provenance(recipe, data, model, source), shard_bytes)
         ignore = checkpoint_ignore(recipe, calibration.plan, NameMap.for_model(model, StateDictSource(model)))
@@ -466,6 +468,16 @@ def _add_sections(report: dict, coverage: dict, calibration: Calibration | None,
     from calib.moe import moe_report
 
     report["coverage"] = coverage
+    measured = [layer for layer in result.layers if layer.output_error is not None]
+    if measured:
+        worst = sorted(measured, key=lambda layer: layer.output_error, reverse=True)[:5]
+        report["output_error"] = {
+            "what": "per layer ||fq(X) Wq^T - X W^T|| / ||X W^T|| on sampled calibration input rows, activations "
+                    "quantized as served; every layer's value is in layers[].output_error",
+            "rows_per_layer": max(layer.output_error_rows for layer in measured),
+            "mean": round(sum(layer.output_error for layer in measured) / len(measured), 6),
+            "worst_layers": [{"name": x.name, "output_error": x.output_error} for x in worst],
+        }
     if calibration is not None and (calibration.solved or calibration.gptq_fallbacks):
         report["gptq"] = gptq_report(calibration, result)
     moe = moe_report(calibration.expert_tokens, calibration.all_experts, result.unobserved) if calibration else None
@@ -477,17 +489,17 @@ def gptq_report(calibration: Calibration, result: QuantizeResult) -> dict:
     """The report's ``gptq`` section: layers solved, those rounded to nearest
     (and why), and the relative output error on the calibration inputs, GPTQ
     against round-to-nearest (mean over the solved layers, and the worst)."""
-    solved = [layer for layer in result.layers if layer.output_error is not None]
-    worst = sorted(solved, key=lambda layer: layer.output_error, reverse=True)[:5]
+    solved = [layer for layer in result.layers if layer.gptq_error is not None]
+    worst = sorted(solved, key=lambda layer: layer.gptq_error, reverse=True)[:5]
     damped = {n: s.dampening for n, s in calibration.solved.items() if s.escalated}
     return {
         "layers_solved": len(solved),
         "rounded_to_nearest": dict(calibration.gptq_fallbacks),
-        "mean_output_error": round(sum(x.output_error for x in solved) / len(solved), 6) if solved else None,
-        "mean_output_error_round_to_nearest": (round(sum(x.output_error_rtn for x in solved) / len(solved), 6)
+        "mean_output_error": round(sum(x.gptq_error for x in solved) / len(solved), 6) if solved else None,
+        "mean_output_error_round_to_nearest": (round(sum(x.gptq_error_rtn for x in solved) / len(solved), 6)
                                                if solved else None),
-        "worst_layers": [{"name": x.name, "output_error": x.output_error,
-                          "output_error_round_to_nearest": x.output_error_rtn} for x in worst],
+        "worst_layers": [{"name": x.name, "output_error": x.gptq_error,
+                          "output_error_round_to_nearest": x.gptq_error_rtn} for x in worst],
         "dampening_escalated": damped,
     }
 

@@ -428,9 +428,14 @@ class LayerStats:
     input_scale: float | None = None
     observed_tokens: int | None = None
     note: str = ""
-    # GPTQ: relative output error on the calibration inputs, GPTQ and round-to-nearest
+    # ||fq(X) Wq^T - X W^T|| / ||X W^T|| on sampled calibration input rows (RowSampler):
+    # the layer's output as served (activations quantized too) against float
     output_error: float | None = None
-    output_error_rtn: float | None = None
+    output_error_rows: int = 0
+    # GPTQ: the same from the weights alone, over every calibration token (from the Hessian),
+    # GPTQ and round-to-nearest
+    gptq_error: float | None = None
+    gptq_error_rtn: float | None = None
 
 
 @dataclass
@@ -508,6 +513,7 @@ def quantized_tensors(
     kv_observers: dict[int, tuple[Observer, Observer]] | None = None,
     result: QuantizeResult | None = None,
     solved: dict | None = None,
+    samples: dict | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's checkpoint, quantized where planned: the model in memory as a
     :class:`calib.checkpoint.StateDictSource` through
@@ -522,7 +528,7 @@ def quantized_tensors(
 
     source = StateDictSource(model)
     yield from quantized_stream(source, NameMap.for_model(model, source), plan, recipe, input_observers,
-                                kv_observers, result=result, solved=solved)
+                                kv_observers, result=result, solved=solved, samples=samples)
 
 
 def quantized_module_tensors(
@@ -533,6 +539,7 @@ def quantized_module_tensors(
     kv_observers: dict[int, tuple[Observer, Observer]] | None = None,
     result: QuantizeResult | None = None,
     solved: dict | None = None,
+    samples: dict | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The module-space reference: ``model.state_dict()`` quantized where planned,
     under the *module's* names, in ``state_dict`` order.
@@ -571,7 +578,7 @@ def quantized_module_tensors(
             continue
         start = time.perf_counter()
         yield from _quantize_layer(module_name, tensor, recipe, input_amax, shared_weight_amax,
-                                   input_observers or {}, result, solved=solved)
+                                   input_observers or {}, result, solved=solved, samples=samples)
         result.seconds += time.perf_counter() - start
 
     start = time.perf_counter()
@@ -620,7 +627,7 @@ def weight_scale(weight: torch.Tensor, args: QuantArgs, name: str, shared_weight
 
 
 def _quantize_layer(name, weight, recipe, input_amax, shared_weight_amax, input_observers, result, prefix=None,
-                    solved=None):
+                    solved=None, samples=None):
     """The tensors of one targeted Linear ``name`` (module space), named under
     ``prefix`` (its checkpoint-space name; ``name`` by default). ``solved``:
     module name -> what GPTQ rounded (used as it is, on the scale it chose)."""
@@ -645,8 +652,8 @@ def _quantize_layer(name, weight, recipe, input_amax, shared_weight_amax, input_
         weight_sqnr_rows=quantized.sqnr_rows,
     )
     if gptq is not None:
-        stats.output_error = round(gptq.output_error, 6)
-        stats.output_error_rtn = round(gptq.output_error_rtn, 6)
+        stats.gptq_error = round(gptq.output_error, 6)
+        stats.gptq_error_rtn = round(gptq.output_error_rtn, 6)
     if recipe.format == "pack-quantized":
         yield f"{out}.weight_packed", _pack_rows(q, w_args.num_bits)
         yield f"{out}.weight_scale", scale
@@ -673,4 +680,28 @@ def _quantize_layer(name, weight, recipe, input_amax, shared_weight_amax, input_
             stats.observed_tokens = obs.count
         else:
             stats.note = "no tokens observed: sibling range used"
+    sampler = (samples or {}).get(name)
+    if sampler is not None and sampler.observed:
+        static = (in_scale, zero_point if a_args is not None and not a_args.symmetric else None) \
+            if name in input_amax else (None, None)
+        stats.output_error = round(layer_output_error(sampler.rows, weight, q, scale, w_args, a_args, *static), 6)
+        stats.output_error_rows = int(sampler.rows.shape[0])
     result.layers.append(stats)
+
+
+def layer_output_error(x: torch.Tensor, weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                       w_args: QuantArgs, a_args: QuantArgs | None, input_scale: torch.Tensor | None = None,
+                       input_zero_point: torch.Tensor | None = None) -> float:
+    """``||fq(x) deq(q)^T - x w^T|| / ||x w^T||`` (Frobenius, float32): one Linear's
+    output as the server computes it (activations quantized as the scheme says,
+    static with the stored scale, dynamic from ``x``) against the float layer, on
+    input rows ``x`` [n, in]. Bias left out: it is not quantized."""
+    from calib.emulate import fake_quantize_activation
+
+    x = x.to(device=weight.device, dtype=torch.float32)
+    full = qmath.expand_scale(scale.to(torch.float32), weight.shape, w_args.strategy, w_args.group_size)
+    deq = _as_float32(q) * full
+    xq = x if a_args is None else fake_quantize_activation(x, a_args, input_scale, input_zero_point)
+    reference = x @ weight.to(torch.float32).T
+    norm = float(torch.linalg.vector_norm(reference))
+    return float(torch.linalg.vector_norm(xq @ deq.T - reference)) / norm if norm > 0 else 0.0

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from calib.algorithms.smoothquant import SmoothPair, apply_smoothing, smoothing_pairs, smoothing_scales
 from calib import qmath
-from calib.calibration import Calibration, _forward_kwargs, all_experts_observed, input_groups
+from calib.calibration import Calibration, _forward_kwargs, all_experts_observed, input_groups, sample_groups
 from calib.data import CalibrationSet
 from calib.errors import CalibInputError
 from calib.estimate import RUNTIME_OVERHEAD, forward_workspace_bytes, human
@@ -490,7 +490,7 @@ def _streams(model: nn.Module, recipe: Recipe, plan: Plan, layout: DecoderLayers
             streams.append(_Stream("smoothquant", kv=False, groups=groups, pairs=smooth_pairs,
                                    last_layer=max(layout.layer_of(p.producer) for p in pairs)))
         result.smoothed = len(pairs)
-    groups = input_groups(plan, recipe, result)
+    groups = input_groups(plan, recipe, result) + sample_groups(plan, result)
     if recipe.kv_cache is not None:
         result.kv_observers = {i: (Observer(), Observer()) for i in plan.attention}
     hessians = _hessian_groups(plan, recipe, layout, result)

@@ -153,9 +153,11 @@ class CheckpointQuantizer:
                  kv_observers: Mapping[int, tuple[Observer, Observer]] | None = None,
                  transforms: Mapping[str, object] | None = None,
                  dtype: torch.dtype | Mapping[str, torch.dtype] | None = None, raw_copies: bool = False,
-                 solved: Mapping[str, object] | None = None) -> None:
+                 solved: Mapping[str, object] | None = None,
+                 samples: Mapping[str, object] | None = None) -> None:
         self.source, self.name_map, self.plan, self.recipe = source, name_map, plan, recipe
         self.solved = dict(solved or {})  # module name -> calib.algorithms.gptq.Solved
+        self.samples = dict(samples or {})  # module name -> calib.observers.RowSampler (output error)
         self.input_observers = dict(input_observers or {})
         self.kv_observers = dict(kv_observers or {})
         self.transforms = {k: _as_list(v) for k, v in (transforms or {}).items()}
@@ -286,7 +288,8 @@ class CheckpointQuantizer:
             weight = self.load(item, stored)
             prefix = item.outputs[0][0].rpartition(".")[0]
             tensors = list(_quantize_layer(item.target, weight, self.recipe, self.input_amax, self.shared_amax,
-                                           self.input_observers, result, prefix=prefix, solved=self.solved))
+                                           self.input_observers, result, prefix=prefix, solved=self.solved,
+                                           samples=self.samples))
         else:
             tensors = self._kv_scales(item, result)
         result.seconds += time.perf_counter() - start
@@ -318,6 +321,7 @@ def quantized_stream(
     result: QuantizeResult | None = None,
     raw_copies: bool = False,
     solved: Mapping[str, object] | None = None,
+    samples: Mapping[str, object] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors under the source's names, in source order (KV
     scales last), quantized where ``plan`` says.
@@ -337,7 +341,7 @@ def quantized_stream(
     """
     result = result if result is not None else QuantizeResult()
     work = CheckpointQuantizer(source, name_map, plan, recipe, input_observers, kv_observers, transforms, dtype,
-                               raw_copies, solved)
+                               raw_copies, solved, samples)
     work.prepare(result)
     for item in work.items:
         yield from work.compute(item, result)
@@ -364,7 +368,8 @@ def write_checkpoint(folder: str | Path, source: TensorSource, name_map: NameMap
                      dtype: torch.dtype | Mapping[str, torch.dtype] | None = None,
                      metadata: Mapping[str, str] | None = None, max_shard_size: int = 5 * 10**9,
                      workers: int = 1, result: QuantizeResult | None = None, progress: bool = False,
-                     solved: Mapping[str, object] | None = None):
+                     solved: Mapping[str, object] | None = None,
+                     samples: Mapping[str, object] | None = None):
     """Write :func:`quantized_stream`'s tensors into ``folder`` (shards + index)
     with :class:`calib.export.PlannedWriter`: the layout is fixed first (its size
     checked against the free space), then each tensor is computed and written at
@@ -378,7 +383,7 @@ def write_checkpoint(folder: str | Path, source: TensorSource, name_map: NameMap
 
     result = result if result is not None else QuantizeResult()
     work = CheckpointQuantizer(source, name_map, plan, recipe, input_observers, kv_observers, transforms, dtype,
-                               raw_copies=True, solved=solved)
+                               raw_copies=True, solved=solved, samples=samples)
     layout = work.layout()
     check_free_space(folder, sum(torch.empty((), dtype=d).element_size() * _numel(s) for _, d, s in layout))
     work.prepare(result)

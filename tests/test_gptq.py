@@ -163,3 +163,34 @@ def test_fp8_grid_rounding_is_the_cast_bit_for_bit():
                         torch.tensor([500.0, -1e6, 1e-12, 0.0])])
     want = values.clamp(-448, 448).to(qmath.FP8_DTYPE).to(torch.float32)
     assert torch.equal(round_to_fp8_grid(values), want)
+
+
+def test_each_layers_output_error_is_the_hand_computed_one(tinystories_split):
+    """The report's per-layer output error: sampled calibration rows x, the
+    layer's stored FP8 weight and input scale, ||fq(x) Wq^T - x W^T|| / ||x W^T||."""
+    import transformers
+
+    import calib
+    from calib.data import build_calibration_set
+    from calib.quantize import QuantizeResult
+
+    text, _ = tinystories_split
+    recipe = load_recipe("fp8-static")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES), dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(TINYSTORIES))
+    data = build_calibration_set(tok, str(text), num_samples=8, seq_len=64)
+    cal = calib.calibrate(model, recipe, data, batch_size=4, progress=False)
+    result = QuantizeResult()
+    tensors = calib.quantize(model, recipe, cal, result)
+    name = "model.layers.2.mlp.down_proj"
+    x = cal.samples[name].rows
+    assert x.shape == (32, 192) and cal.samples["model.layers.2.self_attn.q_proj"] is cal.samples[
+        "model.layers.2.self_attn.k_proj"]  # fused siblings share their sample
+    s_in = tensors[f"{name}.input_scale"].float()
+    xq = (x / s_in).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s_in
+    wq = tensors[f"{name}.weight"].float() * tensors[f"{name}.weight_scale"].float()
+    w = model.get_submodule(name).weight.detach().float()
+    want = float(torch.linalg.vector_norm(xq @ wq.T - x @ w.T) / torch.linalg.vector_norm(x @ w.T))
+    layer = next(layer for layer in result.layers if layer.name == name)
+    assert layer.output_error == pytest.approx(want, abs=2e-6) and layer.output_error_rows == 32
+    assert 0.005 < layer.output_error < 0.1  # FP8 W8A8: a few percent

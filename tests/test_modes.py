@@ -55,6 +55,9 @@ def test_sequential_writes_the_in_memory_checkpoint(model, recipe, tmp_path):
     for key in ("layers_quantized", "calibration_tokens", "smoothquant_pairs", "kv_scales", "num_samples"):
         assert seq[key] == whole[key], key
     assert seq["layers_quantized"] == 28
+    errors = {layer["name"]: layer["output_error"] for layer in whole["layers"]}
+    assert {layer["name"]: layer["output_error"] for layer in seq["layers"]} == errors  # the same sampled rows
+    assert len(errors) == 28 and all(0 < e < 0.2 for e in errors.values())
     if recipe == "fp8-static-kv":
         assert len(seq["kv_scales"]) == 4
 
