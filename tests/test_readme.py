@@ -110,8 +110,8 @@ def test_console_block_prints_what_it_shows(index, workdir):
 
 def test_every_flag_shown_exists():
     parser = _parser()
-    run = parser._subparsers._group_actions[0].choices["run"]
-    known = {opt for p in (parser, run) for action in p._actions for opt in action.option_strings}
+    commands = list(parser._subparsers._group_actions[0].choices.values())
+    known = {opt for p in (parser, *commands) for action in p._actions for opt in action.option_strings}
     shown = {flag for _, block in BLOCKS for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]+", block)}
     shown -= {"--test", "--kv-cache-dtype", "--model-path", "--index-url"}  # setup.sh's, vLLM's, SGLang's, pip's
     assert shown <= known, sorted(shown - known)
