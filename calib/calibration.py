@@ -175,16 +175,69 @@ def _run_batches(model, plan, data, batch_size, pad_token_id, groups, kv_observe
 
 def _smooth(model, recipe, plan, data, batch_size, pad_token_id, progress) -> int:
     """SmoothQuant: a pass for per-channel input ranges, then rescale the model in place."""
-    pairs = smoothing_pairs(model, plan.targets)
+    pairs = smoothing_pairs(model, plan.targets, recipe.smoothquant.mapping_list())
     if not pairs:
         raise CalibInputError(f"recipe {recipe.name!r} asks for SmoothQuant, but {type(model).__name__} has no "
-                              "norm -> projection pairs calib knows (Llama-family decoders)")
+                              "norm -> projection pairs among its quantized layers (see "
+                              "calib.algorithms.smoothquant.DEFAULT_MAPPINGS; give smoothquant.mappings)")
     groups = [InputGroup(names=[pair.consumers[0]], observer=ChannelMaxObserver()) for pair in pairs]
     _run_batches(model, plan, data, batch_size, pad_token_id, groups, {}, kv=False, progress=progress,
                  desc="smoothquant")
+    probe = {k: v.to(next(model.parameters()).device) for k, v in next(data.batches(batch_size, pad_token_id)).items()}
+    before = _layer_outputs(model, plan, probe)
+    saved = _smoothed_parameters(model, pairs)
     for pair, group in zip(pairs, groups):
         if group.observer.observed:
             weights = [model.get_submodule(n).weight for n in pair.consumers]
             apply_smoothing(model, pair, smoothing_scales(group.observer.amax, weights, recipe.smoothquant.alpha))
+    after = _layer_outputs(model, plan, probe)
+    try:
+        _check_layers(model, pairs, before, after)
+    except CalibInputError:
+        with torch.no_grad():
+            for param, original in saved:
+                param.copy_(original)  # the model as it was: nothing half-smoothed
+        raise
     log.info("SmoothQuant (alpha %.2f): rescaled %d norm/projection pairs", recipe.smoothquant.alpha, len(pairs))
     return len(pairs)
+
+
+def _smoothed_parameters(model: nn.Module, pairs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    names = {n for pair in pairs for n in [pair.producer, *pair.consumers]}
+    return [(p, p.detach().clone()) for n in sorted(names) for p in model.get_submodule(n).parameters(recurse=False)]
+
+
+def _layer_outputs(model: nn.Module, plan: Plan, batch: dict) -> list[torch.Tensor]:
+    """Each decoder layer's output (first tensor) on one batch."""
+    from calib.layers import find_decoder_layers
+    from calib.hooks import ObservationSession
+
+    layers = find_decoder_layers(model).layers
+    outputs: list[torch.Tensor] = []
+
+    def keep(module, args, out):
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        outputs.append(first.detach().float().clone())
+
+    handles = [layer.register_forward_hook(keep) for layer in layers]
+    try:
+        with torch.inference_mode():
+            model(**batch, **_forward_kwargs(model, plan, False, ObservationSession()))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def _check_layers(model: nn.Module, pairs, before: list[torch.Tensor], after: list[torch.Tensor]) -> None:
+    """The first layer whose output moved beyond float rounding names its pairs
+    (a layer after it moves only because its input did)."""
+    from calib.algorithms.smoothquant import check_preserved, relative_change
+    from calib.layers import find_decoder_layers
+
+    layout = find_decoder_layers(model)
+    dtype = next(model.parameters()).dtype
+    for index, (b, a) in enumerate(zip(before, after)):
+        change = relative_change(b, a)
+        mine = [p for p in pairs if layout.layer_of(p.producer) == index]
+        check_preserved(layout.layer_name(index), mine or pairs, change, dtype)

@@ -149,12 +149,28 @@ class QuantArgs(BaseModel):
         }
 
 
+class SmoothMapping(BaseModel):
+    """One SmoothQuant rewrite, names relative to a decoder layer: the producer's
+    output channels are divided by ``s``, the consumers' input columns multiplied."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    producer: str = Field(min_length=1)
+    consumers: list[str] = Field(min_length=1)
+
+
 class SmoothQuantArgs(BaseModel):
-    """SmoothQuant migration strength: ``s = max|x|^alpha / max|w|^(1 - alpha)``."""
+    """SmoothQuant migration strength: ``s = max|x|^alpha / max|w|^(1 - alpha)``;
+    ``mappings`` replace the per-family defaults
+    (:data:`calib.algorithms.smoothquant.DEFAULT_MAPPINGS`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     alpha: float = Field(0.5, gt=0.0, lt=1.0)
+    mappings: list[SmoothMapping] | None = None
+
+    def mapping_list(self) -> list[tuple[str, list[str]]] | None:
+        return None if self.mappings is None else [(m.producer, list(m.consumers)) for m in self.mappings]
 
 
 class GPTQArgs(BaseModel):

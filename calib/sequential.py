@@ -109,11 +109,14 @@ class ChannelScale:
     scales: torch.Tensor  # float32, [channels], on the CPU
     dim: int
     divide: bool
+    offset: float = 0.0  # a weight acting as offset + w (Gemma's norms): (offset + t) / s - offset
 
     def apply(self, tensor: torch.Tensor) -> torch.Tensor:
         shape = [1] * tensor.dim()
         shape[self.dim] = -1
         s = self.scales.to(device=tensor.device, dtype=tensor.dtype).reshape(shape)
+        if self.offset:
+            return (tensor + self.offset) / s - self.offset
         return tensor / s if self.divide else tensor * s
 
 
@@ -280,6 +283,10 @@ class _HiddenStates:
         if not keep:
             path.unlink()
         return tensor
+
+    def peek(self, index: int) -> torch.Tensor:
+        """Batch ``index``'s tensor, left in the store."""
+        return self._memory[index] if self.folder is None else self._read(index, keep=True)
 
     def clear(self) -> None:
         self._memory = [None] * self.count
@@ -475,10 +482,11 @@ def _streams(model: nn.Module, recipe: Recipe, plan: Plan, layout: DecoderLayers
     streams = []
     smooth_pairs: list[tuple[SmoothPair, InputGroup]] = []
     if recipe.smoothquant is not None:
-        pairs = smoothing_pairs(model, plan.targets)
+        pairs = smoothing_pairs(model, plan.targets, recipe.smoothquant.mapping_list())
         if not pairs:
             raise CalibInputError(f"recipe {recipe.name!r} asks for SmoothQuant, but {type(model).__name__} has no "
-                                  "norm -> projection pairs calib knows (Llama-family decoders)")
+                                  "norm -> projection pairs among its quantized layers (see "
+                                  "calib.algorithms.smoothquant.DEFAULT_MAPPINGS; give smoothquant.mappings)")
         for pair in pairs:
             where = {layout.layer_of(n) for n in [pair.producer, *pair.consumers]}
             if len(where) != 1 or None in where:
@@ -619,12 +627,15 @@ def calibrate_sequential(model: nn.Module, load_weights: LoadWeights, recipe: Re
                         observing = stream.name == "calibrate"  # as calibrate(): the observing pass only
                         with all_experts_observed(model, recipe) if observing else contextlib.nullcontext(False) \
                                 as all_experts:
+                            layer_pairs = [p for p in stream.pairs if layout.layer_of(p[0].producer) == index]
+                            probe = stream.store.peek(0) if layer_pairs else None
                             with _gptq_layer(walk, index, stream, recipe, result) if observing \
                                     else contextlib.nullcontext():
                                 tuple_out = _run_layer(walk, index, stream) or tuple_out
                         result.all_experts = result.all_experts or all_experts
-                        _smooth_layer(model, [p for p in stream.pairs if layout.layer_of(p[0].producer) == index],
-                                      recipe, result.transforms)
+                        done = _smooth_layer(model, layer_pairs, recipe, result.transforms)
+                        if done:  # the rewrite must keep the layer's function: batch 0 again, smoothed
+                            _check_smoothed(walk, index, stream, probe, stream.store.peek(0), done)
                         if index == stream.last_layer and not stream.feeds_tail:
                             stream.store.clear()  # no later layer reads this stream
                 finally:
@@ -806,8 +817,13 @@ def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result
         return
     _run_layer(walk, index, stream, hessians + [group for _, group in pairs])
     model, args, gptq = walk.model, recipe.weights, recipe.gptq
+    probe = stream.store.peek(0) if pairs else None
+    before = _probe_layer(walk, index, stream, probe) if pairs else None
+    done = _smooth_layer(model, pairs, recipe, result.transforms)
+    if done:
+        _check_smoothed(walk, index, stream, probe, before, done)
     # SmoothQuant divides a consumer's input channels by s: its Hessian becomes H / (s s^T)
-    for pair, scales in _smooth_layer(model, pairs, recipe, result.transforms):
+    for pair, scales in done:
         for group in hessians:
             if pair.consumers[0] in group.names and group.observer.observed:
                 s = scales.to(group.observer.h.device)
@@ -844,6 +860,28 @@ def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result
                 param.copy_(original)
 
 
+def _probe_layer(walk: _Walk, index: int, stream: _Stream, hidden: torch.Tensor) -> torch.Tensor:
+    """Layer ``index``'s output on batch 0's input ``hidden``, no observer attached."""
+    config = getattr(walk.model, "config", None)
+    with torch.inference_mode(), observe(walk.model, []) as session:
+        session.set_mask(walk.batches[0]["attention_mask"])
+        args, kwargs = stream.calls[0][index].bind(hidden, lambda: observing_cache(session, config))
+        out = walk.layout.layers[index](*args, **kwargs)
+    return (out[0] if isinstance(out, (tuple, list)) else out).detach().float()
+
+
+def _check_smoothed(walk: _Walk, index: int, stream: _Stream, hidden: torch.Tensor, before: torch.Tensor,
+                    done: list[tuple[SmoothPair, torch.Tensor]]) -> None:
+    """Stop, naming the mappings, when smoothing layer ``index`` moved its output on
+    batch 0 beyond float rounding (:func:`calib.algorithms.smoothquant.check_preserved`)."""
+    from calib.algorithms.smoothquant import check_preserved, relative_change
+
+    after = _probe_layer(walk, index, stream, hidden)
+    dtype = walk.model.get_submodule(done[0][0].consumers[0]).weight.dtype
+    check_preserved(walk.layout.layer_name(index), [pair for pair, _ in done],
+                    relative_change(before.float(), after), dtype)
+
+
 def _smooth_layer(model: nn.Module, layer_pairs: list[tuple[SmoothPair, InputGroup]], recipe: Recipe,
                   transforms: dict[str, list[ChannelScale]]) -> list[tuple[SmoothPair, torch.Tensor]]:
     """Rescale one layer's pairs as ``calibration._smooth`` does (same order, same
@@ -857,7 +895,8 @@ def _smooth_layer(model: nn.Module, layer_pairs: list[tuple[SmoothPair, InputGro
         apply_smoothing(model, pair, scales)
         s = scales.detach().to("cpu")
         producer = model.get_submodule(pair.producer)
-        transforms.setdefault(f"{pair.producer}.weight", []).append(ChannelScale(s, dim=0, divide=True))
+        transforms.setdefault(f"{pair.producer}.weight", []).append(
+            ChannelScale(s, dim=0, divide=True, offset=0.0 if isinstance(producer, nn.Linear) else pair.offset))
         if getattr(producer, "bias", None) is not None:
             transforms.setdefault(f"{pair.producer}.bias", []).append(ChannelScale(s, dim=0, divide=True))
         for name in pair.consumers:

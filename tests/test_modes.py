@@ -202,3 +202,17 @@ def test_every_family_writes_the_same_checkpoint_sequentially(family, family_fol
     for name in source:
         if not name.endswith(".weight") or f"{name[:-len('.weight')]}.weight_scale" not in out:
             assert raw(out[name]) == raw(source[name]), name  # untouched: byte for byte
+
+
+@pytest.mark.parametrize("family", ["gemma", "phi3", "opt", "gpt_neox"])
+def test_smoothquant_families_write_the_same_checkpoint_sequentially(family, family_folders, tmp_path):
+    """SmoothQuant beyond Llama (Gemma's 1 + w norms, Phi-3's fused projections, OPT's
+    LayerNorm biases and fc1 -> fc2, GPT-NeoX): the sequential writer's transforms of
+    the source give the in-memory model's smoothed tensors, bit for bit."""
+    folder = family_folders[family]
+    kwargs = dict(model=str(folder), recipe="int8-w8a8-static", dataset=str(TINYSTORIES_TEXT), num_samples=6,
+                  seq_len=32, batch_size=3, progress=False)
+    whole = calib.run(output=tmp_path / "whole", mode="in-memory", **kwargs)
+    seq = calib.run(output=tmp_path / "seq", mode="sequential", **kwargs)
+    assert whole["smoothquant_pairs"] == seq["smoothquant_pairs"] > 0
+    assert_same_checkpoint(tmp_path / "whole", tmp_path / "seq")

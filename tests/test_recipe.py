@@ -21,6 +21,7 @@ BUNDLED = {
     "int8-w8a8-static": ("int-quantized", ("int", "channel", False), ("int", "tensor", False), False),
     "int8-w8a16": ("pack-quantized", ("int", "channel", False), None, False),
     "int4-w4a16": ("pack-quantized", ("int", "group", False), None, False),
+    "fp8-static-gptq": ("float-quantized", ("float", "tensor", False), ("float", "tensor", False), False),
     "int8-w8a8-gptq": ("int-quantized", ("int", "channel", False), ("int", "tensor", False), False),
     "int4-w4a16-gptq": ("pack-quantized", ("int", "group", False), None, False),
 }
@@ -67,7 +68,7 @@ def test_bundled_recipe_loads_by_name_with_its_format_and_scheme(name):
 @pytest.mark.parametrize("name,needs", [
     ("fp8-static", True), ("fp8-static-kv", True), ("int8-w8a8-static", True),
     ("fp8-dynamic", False), ("int8-w8a8-dynamic", False), ("int8-w8a16", False), ("int4-w4a16", False),
-    ("int8-w8a8-gptq", True), ("int4-w4a16-gptq", True),
+    ("int8-w8a8-gptq", True), ("int4-w4a16-gptq", True), ("fp8-static-gptq", True),
 ])
 def test_only_static_activation_kv_or_gptq_recipes_need_calibration_data(name, needs):
     assert load_recipe(name).needs_calibration is needs

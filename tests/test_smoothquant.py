@@ -49,13 +49,82 @@ def test_smoothing_keeps_the_function_and_flattens_the_inputs(tinystories_split)
     assert float(smoothed.input_observers[name].absmax()) < float(plain.input_observers[name].absmax())
 
 
-def test_unsupported_model_is_a_clear_error(tmp_path):
-    from calib.data import CalibrationSet
-    from calib.errors import CalibInputError
+FAMILY_PAIRS = {"llama": 6, "qwen2": 6, "gemma": 6, "gemma2": 6, "phi3": 4, "opt": 6, "gpt_neox": 4}
 
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=100)
-    model = transformers.BertModel(config).eval()
-    data = CalibrationSet(samples=[torch.arange(10)], source="ids", seq_len=10, packed=True, seed=0)
-    with pytest.raises(CalibInputError, match="no norm -> projection pairs"):
-        calib.calibrate(model, calib.load_recipe("int8-w8a8-static"), data, progress=False)
+
+def _family_model(family: str):
+    from test_native_names import COMMON, FAMILIES, auto_class
+
+    torch.manual_seed(0)
+    if family == "gemma2":
+        return transformers.AutoModelForCausalLM.from_config(
+            transformers.Gemma2Config(num_key_value_heads=2, head_dim=16, **COMMON)).eval()
+    return auto_class(family).from_config(FAMILIES[family]()).eval()
+
+
+def _ids_data(count=8, length=24):
+    from calib.data import CalibrationSet
+
+    gen = torch.Generator().manual_seed(0)
+    return CalibrationSet(samples=[torch.randint(3, 500, (length,), generator=gen) for _ in range(count)],
+                          source="random ids", seq_len=length, packed=True, seed=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_PAIRS))
+def test_every_family_is_smoothed_and_keeps_its_function(family):
+    """Llama, Qwen2, Gemma (norm weight acting as 1 + w), Gemma 2 (its pre-feedforward
+    norm, never the post-attention one), Phi-3 (fused qkv and gate_up), OPT (fc1 -> fc2
+    through ReLU), GPT-NeoX: the pairs found, and the same logits after rescaling."""
+    model = _family_model(family)
+    ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+    recipe = calib.load_recipe("int8-w8a8-static")
+    pairs = smoothing_pairs(model, plan_for(model, recipe).targets)
+    assert len(pairs) == FAMILY_PAIRS[family], [p.producer for p in pairs]
+    if family == "gemma2":
+        assert not any(p.producer.endswith("post_attention_layernorm") for p in pairs)
+    if family == "opt":
+        assert any(p.producer.endswith("fc1") and p.consumers[0].endswith("fc2") for p in pairs)
+    assert all(p.offset == (1.0 if family.startswith("gemma") and "norm" in p.producer else 0.0) for p in pairs)
+    cal = calib.calibrate(model, recipe, _ids_data(), batch_size=4, progress=False)
+    assert cal.smoothed == FAMILY_PAIRS[family]
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+def test_bert_post_layernorm_is_refused_and_the_model_left_as_it_was():
+    """BERT's attention.output.LayerNorm feeds intermediate.dense *and* the residual:
+    rescaling it changes the model (llm-compressor accepts it). Both executors refuse,
+    naming the mapping, and the in-memory model keeps its weights."""
+    from calib.errors import CalibInputError
+    from calib.sequential import calibrate_sequential
+
+    model = _family_model("bert")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = calib.load_recipe("int8-w8a8-static")
+    with pytest.raises(CalibInputError, match=r"SmoothQuant would change the model: after rescaling "
+                                              r"encoder\.layer\.0\.attention\.output\.LayerNorm -> "
+                                              r"encoder\.layer\.0\.intermediate\.dense"):
+        calib.calibrate(model, recipe, _ids_data(), batch_size=4, progress=False)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(CalibInputError, match=r"the output of encoder\.layer\.0 on a calibration batch moved"):
+        calibrate_sequential(model, lambda names: {}, recipe, _ids_data(), batch_size=4, progress=False)
+
+
+def test_recipe_mappings_replace_the_defaults_and_unknown_names_are_errors():
+    from calib.errors import CalibInputError
+    from calib.recipe import SmoothMapping
+
+    model = _family_model("llama")
+    base = calib.load_recipe("int8-w8a8-static")
+    only_qkv = SmoothQuantArgs(alpha=0.5, mappings=[SmoothMapping(
+        producer="input_layernorm", consumers=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])])
+    cal = calib.calibrate(model, base.model_copy(update={"smoothquant": only_qkv}), _ids_data(), batch_size=4,
+                          progress=False)
+    assert cal.smoothed == 2  # one pair in each of the 2 layers
+    wrong = SmoothQuantArgs(mappings=[SmoothMapping(producer="input_norm", consumers=["self_attn.q_proj"])])
+    with pytest.raises(CalibInputError, match=r"smoothquant\.mappings: input_norm -> self_attn\.q_proj names "
+                                              r"modules that no layer of LlamaForCausalLM has"):
+        calib.calibrate(model, base.model_copy(update={"smoothquant": wrong}), _ids_data(), progress=False)

@@ -7,9 +7,29 @@ channel ``j`` by ``s_j`` and multiply ``W``'s column ``j`` by ``s_j``. In exact
 arithmetic the model computes the same function; the input ``x / s`` has a
 flatter range, which is what per-tensor INT8 activations need.
 
-Pairs (Llama, Mistral, Qwen2 and other Llama-family decoders):
-``input_layernorm -> q/k/v_proj``, ``post_attention_layernorm -> gate/up_proj``,
-``up_proj -> down_proj`` (down reads ``act(gate) * up``, linear in up's rows).
+Pairs come from per-layer mappings (producer -> consumers, names relative to a
+decoder layer), the defaults covering the architecture matrix, or the recipe's
+``smoothquant.mappings``:
+
+* Llama, Mistral, Qwen2/3: ``input_layernorm -> self_attn.q/k/v_proj``,
+  ``post_attention_layernorm -> mlp.gate/up_proj``, ``mlp.up_proj -> mlp.down_proj``
+  (down reads ``act(gate) * up``, linear in up's rows).
+* Phi-3: the fused ``self_attn.qkv_proj`` and ``mlp.gate_up_proj`` (its down
+  projection reads half of gate_up's rows: not smoothed).
+* Gemma: its RMSNorm multiplies by ``1 + w``, so the norm's weight becomes
+  ``(1 + w) / s - 1``; Gemma 2/3 feed the MLP from ``pre_feedforward_layernorm``
+  (their ``post_attention_layernorm`` normalises the attention output on its way
+  to the residual: never a producer there).
+* OPT: ``self_attn_layer_norm -> q/k/v``, ``final_layer_norm -> fc1``, and
+  ``fc1 -> fc2`` when the activation between is ReLU (``relu(x / s) = relu(x) / s``).
+* GPT-NeoX: ``input_layernorm -> attention.query_key_value``,
+  ``post_attention_layernorm -> mlp.dense_h_to_4h`` (GELU: no fc pair).
+* BERT: ``attention.output.LayerNorm -> intermediate.dense`` is proposed and then
+  refused by the check below: a post-LayerNorm's output is also the residual.
+
+Every rewrite is checked before anything is quantized (:func:`check_preserved`):
+a calibration batch goes through each layer before and after, and a layer whose
+output moves beyond float rounding stops the run, naming its mappings.
 """
 
 from __future__ import annotations
@@ -29,25 +49,81 @@ MIN_SCALE = 1e-5
 class SmoothPair:
     producer: str  # module whose output channels are divided by s
     consumers: list[str]  # Linears whose input columns are multiplied by s
+    offset: float = 0.0  # the producer's weight acts as (offset + w): Gemma's RMSNorm has 1
 
 
-def smoothing_pairs(model: nn.Module, targets: dict[str, nn.Linear]) -> list[SmoothPair]:
-    """The (producer, consumers) pairs present among the quantized Linears."""
+# (producer, consumers), relative to a decoder layer; the first mapping whose modules
+# all exist claims its consumers (Phi-3's fused names, Gemma 2/3's pre-feedforward norm).
+DEFAULT_MAPPINGS: list[tuple[str, list[str]]] = [
+    ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+    ("input_layernorm", ["self_attn.qkv_proj"]),
+    ("input_layernorm", ["attention.query_key_value"]),
+    ("pre_feedforward_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+    ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+    ("post_attention_layernorm", ["mlp.gate_up_proj"]),
+    ("post_attention_layernorm", ["mlp.dense_h_to_4h"]),
+    ("mlp.up_proj", ["mlp.down_proj"]),
+    ("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+    ("final_layer_norm", ["fc1"]),
+    ("fc1", ["fc2"]),
+    ("attention.output.LayerNorm", ["intermediate.dense"]),
+]
+
+
+def _producer_ok(module: nn.Module, layer: nn.Module, producer: str, model: nn.Module) -> bool:
+    """Whether ``module`` can be rescaled per output channel exactly: a norm with a
+    weight, or a Linear (``fc1`` only when a ReLU follows it)."""
+    if isinstance(module, nn.Linear):
+        if producer.endswith("fc1"):
+            act = getattr(layer, "activation_fn", None)
+            name = getattr(getattr(model, "config", None), "activation_function", None)
+            return isinstance(act, nn.ReLU) or name == "relu"
+        return True
+    return "Norm" in type(module).__name__ and getattr(module, "weight", None) is not None
+
+
+def smoothing_pairs(model: nn.Module, targets: dict[str, nn.Linear],
+                    mappings: list[tuple[str, list[str]]] | None = None) -> list[SmoothPair]:
+    """The (producer, consumers) pairs present among the quantized Linears, layer
+    by layer. ``mappings``: the recipe's (replacing the defaults); one that
+    matches in no layer is an error naming it."""
+    from calib.errors import CalibInputError
+    from calib.layers import find_decoder_layers
+
+    try:
+        layout = find_decoder_layers(model)
+    except Exception:  # not a layered model calib knows: nothing to smooth
+        return []
     modules = dict(model.named_modules())
+    rules = mappings if mappings is not None else DEFAULT_MAPPINGS
+    used = [False] * len(rules)
     pairs = []
-    for name, module in modules.items():
-        kind = type(module).__name__
-        parent = name.rpartition(".")[0]
-        if name.endswith("input_layernorm") and kind.endswith("RMSNorm") and "Gemma" not in kind:
-            consumers = [f"{parent}.self_attn.{p}_proj" for p in "qkv"]
-        elif name.endswith("post_attention_layernorm") and kind.endswith("RMSNorm") and "Gemma" not in kind:
-            consumers = [f"{parent}.mlp.{p}_proj" for p in ("gate", "up")]
-        elif name.endswith("mlp.up_proj") and isinstance(module, nn.Linear):
-            consumers = [f"{parent}.down_proj"]
-        else:
-            continue
-        if all(c in targets for c in consumers):
-            pairs.append(SmoothPair(producer=name, consumers=consumers))
+    for index, layer in enumerate(layout.layers):
+        base = layout.layer_name(index)
+        claimed: set[str] = set()
+        for number, (producer, consumers) in enumerate(rules):
+            p = f"{base}.{producer}"
+            cs = [f"{base}.{c}" for c in consumers]
+            if p not in modules or not all(c in modules for c in cs):
+                continue
+            used[number] = True
+            if any(c in claimed for c in cs):
+                continue
+            if producer == "post_attention_layernorm" and f"{base}.pre_feedforward_layernorm" in modules:
+                continue  # Gemma 2/3: the attention output's norm, on the residual path
+            if not all(c in targets for c in cs) or not _producer_ok(modules[p], layer, producer, model):
+                continue
+            offset = 1.0 if "Gemma" in type(modules[p]).__name__ and not isinstance(modules[p], nn.Linear) else 0.0
+            pairs.append(SmoothPair(producer=p, consumers=cs, offset=offset))
+            claimed.update(cs)
+    order = {name: i for i, name in enumerate(modules)}
+    pairs.sort(key=lambda pair: order[pair.producer])  # model order: the rescaling order is part of the result
+    if mappings is not None:
+        missing = [f"{p} -> {', '.join(c)}" for (p, c), ok in zip(rules, used) if not ok]
+        if missing:
+            raise CalibInputError(f"smoothquant.mappings: {'; '.join(missing)} names modules that no layer of "
+                                  f"{type(model).__name__} has (names are relative to a layer, e.g. "
+                                  f"{layout.layer_name(0)}.input_layernorm is 'input_layernorm')")
     return pairs
 
 
@@ -62,11 +138,15 @@ def smoothing_scales(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha:
 
 @torch.no_grad()
 def apply_smoothing(model: nn.Module, pair: SmoothPair, scales: torch.Tensor) -> None:
-    """Divide the producer's output channels by ``scales``, multiply the consumers' inputs by them."""
+    """Divide the producer's output channels by ``scales`` (a weight acting as
+    ``offset + w`` becomes ``(offset + w) / s - offset``), multiply the consumers'
+    inputs by them."""
     producer = model.get_submodule(pair.producer)
     s = scales.to(producer.weight.device)
     if isinstance(producer, nn.Linear):
         producer.weight.div_(s.to(producer.weight.dtype).unsqueeze(1))
+    elif pair.offset:
+        producer.weight.add_(pair.offset).div_(s.to(producer.weight.dtype)).sub_(pair.offset)
     else:
         producer.weight.div_(s.to(producer.weight.dtype))
     if getattr(producer, "bias", None) is not None:
@@ -74,3 +154,32 @@ def apply_smoothing(model: nn.Module, pair: SmoothPair, scales: torch.Tensor) ->
     for name in pair.consumers:
         linear = model.get_submodule(name)
         linear.weight.mul_(s.to(linear.weight.dtype).unsqueeze(0))
+
+
+def preservation_tolerance(dtype: torch.dtype) -> float:
+    """How far (relative) a layer's output may move under an exact rewrite: float
+    rounding, with margin (float32: ~1e-6 an operation; 16-bit: ~4e-3)."""
+    return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+
+
+def relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
+    """``||after - before|| / ||before||`` in float64."""
+    b, a = before.to(torch.float64), after.to(torch.float64)
+    norm = float(torch.linalg.vector_norm(b))
+    return float(torch.linalg.vector_norm(a - b)) / norm if norm > 0 else float(torch.linalg.vector_norm(a))
+
+
+def check_preserved(where: str, pairs: list[SmoothPair], change: float, dtype: torch.dtype) -> None:
+    """Stop, naming the mappings, when smoothing moved a layer's output beyond float rounding."""
+    from calib.errors import CalibInputError
+
+    tolerance = preservation_tolerance(dtype)
+    if change <= tolerance:
+        return
+    named = "; ".join(f"{p.producer} -> {', '.join(p.consumers)}" for p in pairs)
+    raise CalibInputError(
+        f"SmoothQuant would change the model: after rescaling {named}, the output of {where} on a calibration "
+        f"batch moved by {change:.3g} (relative; an exact rewrite moves it by float rounding, under "
+        f"{tolerance:g}). The producer's output also feeds something other than the consumers (a post-LayerNorm "
+        "whose output is also the residual, as in BERT): remove smoothquant from the recipe, or give "
+        "smoothquant.mappings without this pair. Nothing was written.")
