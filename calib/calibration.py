@@ -73,12 +73,7 @@ def input_groups(plan: Plan, recipe: Recipe, calibration: Calibration) -> list[I
     groups: list[InputGroup] = []
     acts = recipe.input_activations
     if acts is not None and not acts.dynamic:
-        done: set[str] = set()
-        for name in plan.targets:
-            if name in done:
-                continue
-            members = plan.group_of(name)
-            done.update(members)
+        for members in plan.input_groups():
             group = InputGroup(names=members, observer=make_observer(acts.observer, acts.observer_kwargs))
             groups.append(group)
             calibration.input_observers.update({m: group.observer for m in members})
@@ -90,12 +85,8 @@ def sample_groups(plan: Plan, calibration: Calibration) -> list[InputGroup]:
     input (registered in ``calibration.samples``), for each layer's output error."""
     from calib.observers import RowSampler
 
-    groups, done = [], set()
-    for name in plan.targets:
-        if name in done:
-            continue
-        members = plan.group_of(name)
-        done.update(members)
+    groups = []
+    for members in plan.input_groups():
         group = InputGroup(names=members, observer=RowSampler())
         groups.append(group)
         calibration.samples.update({m: group.observer for m in members})

@@ -102,6 +102,16 @@ class Plan:
                 "routers_in_high_precision": list(self.routers),
                 "unsupported_ignored": list(self.unsupported_ignored)}
 
+    def input_groups(self) -> list[list[str]]:
+        """The targets grouped by the input they read (fused siblings together), in target order."""
+        groups, done = [], set()
+        for name in self.targets:
+            if name not in done:
+                members = self.group_of(name)
+                done.update(members)
+                groups.append(members)
+        return groups
+
     def group_of(self, name: str) -> list[str]:
         for group in self.fused:
             if name in group:

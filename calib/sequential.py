@@ -520,13 +520,9 @@ def _hessian_groups(plan: Plan, recipe: Recipe, layout: DecoderLayers,
 
     if recipe.gptq is None:
         return []
-    found, done = [], set()
-    for name in plan.targets:
-        if name in done:
-            continue
-        members = plan.group_of(name)
-        done.update(members)
-        if layout.layer_of(name) is None:
+    found = []
+    for members in plan.input_groups():
+        if layout.layer_of(members[0]) is None:
             result.gptq_fallbacks.update({m: "outside the decoder layers: rounded to nearest" for m in members})
             continue
         found.append(InputGroup(names=members, observer=HessianObserver()))
