@@ -152,6 +152,10 @@ def load_weights(model, state: dict[str, torch.Tensor], dtype: torch.dtype | Non
     tied = {k for k in missing if k.endswith("lm_head.weight")} \
         if getattr(model.config, "tie_word_embeddings", False) else set()
     missing = [k for k in missing if k not in tied]
+    # A source may store a buffer the model keeps out of its state dict (BERT's
+    # embeddings.position_ids): calib copies it byte for byte, the model rebuilds it.
+    buffers = {name for name, _ in model.named_buffers()}
+    unexpected = [k for k in unexpected if k not in buffers]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if tied:

@@ -176,3 +176,26 @@ def test_kv_heads_written_for_configs_without_num_key_value_heads():
     assert kv_heads({"model_type": "falcon", "num_attention_heads": 128, "new_decoder_architecture": True,
                      "num_kv_heads": 8}) == 8
     assert kv_heads({"model_type": "llama", "num_attention_heads": 32, "num_key_value_heads": 8}) is None
+
+
+def test_bert_sequential_checkpoint_reads_back_in_calib(tmp_path):
+    """The sequential writer copies the source's ``embeddings.position_ids`` (a buffer BERT keeps out of its state
+    dict) byte for byte; calib's readers must accept it as transformers does."""
+    from calib.emulate import load_served
+
+    lines = [ln.strip() for ln in (SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw").read_text().splitlines()
+             if len(ln.strip()) > 60 and not ln.strip().startswith("=")]
+    data_path = tmp_path / "calib.jsonl"
+    data_path.write_text("\n".join(json.dumps({"text": t}) for t in lines[:16]))
+    out = tmp_path / "bert-seq"
+    report = calib.run(model=str(minilm_path()), recipe="fp8-static", dataset=str(data_path), output=out,
+                       num_samples=8, seq_len=64, mode="sequential", progress=False)
+    assert report["execution"]["mode"] == "sequential"
+    assert "embeddings.position_ids" in read_tensors(out)[0]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))
+    heldout = lines[-8:]
+    ours = mean_pooled_embeddings(calib.load(out), tokenizer, heldout)
+    served = mean_pooled_embeddings(load_served(out).model, tokenizer, heldout)
+    reader = mean_pooled_embeddings(transformers.AutoModel.from_pretrained(str(out)).eval(), tokenizer, heldout)
+    assert torch.nn.functional.cosine_similarity(served, reader, dim=-1).min() > 0.9999
+    assert torch.nn.functional.cosine_similarity(ours, reader, dim=-1).min() > 0.99
