@@ -64,7 +64,9 @@ the partial tail dropped), as calib's ``evaluate.perplexity`` does (12.0993 FP32
 model). ``--ppl-windows shifted`` feeds ``ids[i:i+L]`` and scores ``ids[i+1:i+L+1]`` for
 i = 0, L, 2L, ... including the last, shorter window, so every token but the first is predicted
 exactly once; this is the protocol that reproduces the model README's 12.09 (12.0923).
-PPL = exp(mean NLL).
+PPL = exp(mean NLL). ``--heldout-tokens N`` keeps only the first N tokens of the held-out text
+(the whole WikiText-2 test is ~300k tokens, many minutes per evaluation on a small CPU; calib's
+``scripts/bench_quality.py`` scores the first 16384).
 
 Output (printed, and written to ``--json``): ``tool``, ``version``, ``scheme``, ``ppl_fp32``,
 ``ppl_quant`` (checkpoint loaded back), ``ppl_quant_in_memory`` (the model oneshot returned),
@@ -307,6 +309,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="independent: full windows scored on their own (as calib.evaluate); "
                    "shifted: every token but the first scored once (the model README's 12.09)")
     p.add_argument("--eval-sentences", type=int, default=64, help="encoder: held-out sentences")
+    p.add_argument("--heldout-tokens", type=int, default=None,
+                   help="causal LM: score only the first N tokens of the held-out text (default: all; "
+                   "16384 is bench_quality.py's --max-tokens default)")
     p.add_argument("--output", required=True, help="directory for the quantized checkpoint")
     p.add_argument("--json", help="also write the result to this file")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -372,10 +377,11 @@ def reference_quality(args, result, causal, auto_cls, calib_text, heldout_text, 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     fp32 = auto_cls.from_pretrained(args.model, dtype=torch.float32)
     if causal:
-        _HELD["ids"] = token_ids(tokenizer, heldout_text)
+        _HELD["ids"] = token_ids(tokenizer, heldout_text)[: args.heldout_tokens]
         result["ppl_fp32"], result["ppl_tokens"] = perplexity(
             fp32, _HELD["ids"], args.seq_len, args.ppl_windows)
         result["ppl_windows"] = args.ppl_windows
+        result["heldout_tokens"] = len(_HELD["ids"])
     else:
         _HELD["sentences"] = sentences(heldout_text)[: args.eval_sentences]
         _HELD["tokenizer"] = tokenizer
