@@ -40,13 +40,18 @@ def short_name(model: str | None) -> str:
     return "smollm2-135m" if model is None else Path(model).name
 
 
+def recipe_name(recipe: str) -> str:
+    """A bundled recipe's name, or a recipe file's stem (``my/int8-sq.yaml`` -> ``int8-sq``)."""
+    return Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe
+
+
 def bench(model: str | None, recipes: list[str], args, workdir: Path) -> list[dict]:
     import calib
     from calib.quality import evaluate
 
     rows = []
     for recipe in recipes:
-        out = workdir / f"{short_name(model)}-{recipe}"
+        out = workdir / f"{short_name(model)}-{recipe_name(recipe)}"
         start = time.perf_counter()
         report = calib.run(model=model, recipe=recipe, dataset=args.dataset, output=out, overwrite=True,
                            num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -57,7 +62,7 @@ def bench(model: str | None, recipes: list[str], args, workdir: Path) -> list[di
         print(_row(rows[-1]), file=sys.stderr, flush=True)
     other = Path(args.other) if args.other else None
     for recipe in recipes:
-        folder = other / f"{short_name(model)}-{recipe}" if other else None
+        folder = other / f"{short_name(model)}-{recipe_name(recipe)}" if other else None
         if folder is not None and (folder / "config.json").is_file():
             rows.append(_evaluated(model, folder, recipe, other.name, args, evaluate))
             print(_row(rows[-1]), file=sys.stderr, flush=True)
@@ -67,7 +72,7 @@ def bench(model: str | None, recipes: list[str], args, workdir: Path) -> list[di
 def _evaluated(model, folder: Path, recipe: str, tool: str, args, evaluate) -> dict:
     result = evaluate(model, str(folder), args.eval_dataset, seq_len=args.eval_seq_len, max_tokens=args.max_tokens,
                       backends=BACKENDS, progress=False)
-    row = {"model": short_name(model), "recipe": recipe, "tool": tool, "metric": result["metric"],
+    row = {"model": short_name(model), "recipe": recipe_name(recipe), "tool": tool, "metric": result["metric"],
            "samples": args.samples, "seq_len": args.seq_len, "eval": result["dataset"],
            "original": result["original_value"]}
     for backend in BACKENDS:  # PPL ÷ the original's; for encoders the mean embedding cosine
