@@ -4,7 +4,8 @@
 This script must run in its OWN virtual environment, never in calib's: llm-compressor
 pins its own torch / transformers / compressed-tensors versions. It imports nothing from
 calib and only calls llm-compressor's public API (``llmcompressor.oneshot`` with its
-``QuantizationModifier``, ``GPTQModifier`` and ``SmoothQuantModifier``). Set the venv up once, outside the repository::
+``QuantizationModifier``, ``GPTQModifier`` and ``SmoothQuantModifier``). Set the venv up once,
+outside the repository::
 
     python3 -m venv ../llmc-venv
     ../llmc-venv/bin/pip install torch==2.13.0          # the CPU wheel, first
@@ -71,8 +72,10 @@ PPL = exp(mean NLL). ``--heldout-tokens N`` keeps only the first N tokens of the
 Output (printed, and written to ``--json``): ``tool``, ``version``, ``scheme``, ``ppl_fp32``,
 ``ppl_quant`` (checkpoint loaded back), ``ppl_quant_in_memory`` (the model oneshot returned),
 ``ratio`` = ppl_quant / ppl_fp32, ``cosine_mean``/``cosine_min`` (encoders), timings in seconds:
-``import_s``, ``calib_forward_s`` (plain FP32 forward over the calibration set),
-``load_s``, ``data_s``, ``oneshot_s``, ``save_s``, ``total_s``, ``eval_s``, ``script_s``.
+``import_s``, ``calib_forward_s`` (plain FP32 forward over the calibration set; null with
+``--skip-calib-forward``), ``load_s``, ``data_s``, ``oneshot_s``, ``save_s``, ``total_s``,
+``eval_s``, ``script_s``. ``--fp32-from JSON`` takes ``ppl_fp32`` from an earlier run that scored
+the same held-out tokens (``ppl_fp32_from`` names it) instead of evaluating the FP32 model again.
 
 Quality for an encoder (e.g. BERT, ``AutoModel``): mean cosine similarity between the
 attention-mask-weighted mean-pooled last hidden states of the quantized model and of the
@@ -312,6 +315,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heldout-tokens", type=int, default=None,
                    help="causal LM: score only the first N tokens of the held-out text (default: all; "
                    "16384 is bench_quality.py's --max-tokens default)")
+    p.add_argument("--fp32-from", metavar="JSON",
+                   help="causal LM: take ppl_fp32 from this earlier run's JSON (same model, held-out tokens, "
+                   "--seq-len and --ppl-windows) instead of evaluating the FP32 model again")
+    p.add_argument("--skip-calib-forward", action="store_true",
+                   help="skip the untimed plain FP32 forward over the calibration set (calib_forward_s null)")
     p.add_argument("--output", required=True, help="directory for the quantized checkpoint")
     p.add_argument("--json", help="also write the result to this file")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -342,6 +350,7 @@ def main(argv=None) -> dict:
             "torch": torch.__version__,
         },
         "model": args.model,
+        "heldout_text": os.path.realpath(args.heldout_text),
         "scheme": args.scheme,
         "preset": preset_of(args.scheme),
         "recipe": [{"modifier": name, **kwargs} for name, kwargs in SCHEMES[args.scheme]],
@@ -375,13 +384,20 @@ _HELD: dict = {}  # what the quality steps share: held-out ids or sentences, the
 def reference_quality(args, result, causal, auto_cls, calib_text, heldout_text, make_set) -> None:
     """1. FP32 reference quality and a plain forward over the calibration set (not timed)."""
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    fp32 = auto_cls.from_pretrained(args.model, dtype=torch.float32)
     if causal:
         _HELD["ids"] = token_ids(tokenizer, heldout_text)[: args.heldout_tokens]
-        result["ppl_fp32"], result["ppl_tokens"] = perplexity(
-            fp32, _HELD["ids"], args.seq_len, args.ppl_windows)
         result["ppl_windows"] = args.ppl_windows
         result["heldout_tokens"] = len(_HELD["ids"])
+        if args.fp32_from:
+            reuse_fp32(args, result)
+            if args.skip_calib_forward:
+                result["calib_forward_s"] = None
+                return
+    fp32 = auto_cls.from_pretrained(args.model, dtype=torch.float32)
+    if causal:
+        if not args.fp32_from:
+            result["ppl_fp32"], result["ppl_tokens"] = perplexity(
+                fp32, _HELD["ids"], args.seq_len, args.ppl_windows)
     else:
         _HELD["sentences"] = sentences(heldout_text)[: args.eval_sentences]
         _HELD["tokenizer"] = tokenizer
@@ -389,8 +405,24 @@ def reference_quality(args, result, causal, auto_cls, calib_text, heldout_text, 
         result["ppl_fp32"] = None
     # A plain FP32 forward over the calibration set, batched as oneshot batches it: the
     # denominator of "calibration overhead" (oneshot_s / calib_forward_s).
+    if args.skip_calib_forward:
+        result["calib_forward_s"] = None
+        return
     result["calib_forward_s"] = round(
         forward_time(fp32, make_set(tokenizer, calib_text, args.samples, args.seq_len), args.batch_size), 3)
+
+
+def reuse_fp32(args, result) -> None:
+    """``ppl_fp32`` from an earlier run's JSON, which must have scored the same tokens the same way."""
+    earlier = json.loads(Path(args.fp32_from).read_text())
+    for key, mine in (("model", args.model), ("seq_len", args.seq_len), ("ppl_windows", args.ppl_windows),
+                      ("heldout_tokens", result["heldout_tokens"])):
+        if earlier.get(key) != mine:
+            sys.exit(f"--fp32-from {args.fp32_from}: its {key} is {earlier.get(key)!r}, this run's {mine!r}")
+    if earlier.get("heldout_text") not in (None, os.path.realpath(args.heldout_text)):
+        sys.exit(f"--fp32-from {args.fp32_from}: held out {earlier['heldout_text']}, not {args.heldout_text}")
+    result["ppl_fp32"], result["ppl_tokens"] = earlier["ppl_fp32"], earlier["ppl_tokens"]
+    result["ppl_fp32_from"] = args.fp32_from
 
 
 def timed_oneshot(args, result, auto_cls, calib_text, make_set) -> None:
