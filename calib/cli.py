@@ -116,10 +116,17 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=_positive_int, default=16384,
                     help="evaluate on at most this many tokens (default 16384)")
     ev.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward (default 4)")
-    ev.add_argument("--backend", action="append", choices=["calib", "weights", "transformers"], default=None,
+    ev.add_argument("--backend", action="append", choices=["calib", "weights", "transformers", "vllm"],
+                    default=None,
                     help="how the quantized checkpoint is computed: calib (as vLLM serves it; default), weights "
-                    "(weights dequantized, float activations), transformers (transformers + compressed-tensors); "
-                    "repeat for several")
+                    "(weights dequantized, float activations), transformers (transformers + compressed-tensors), "
+                    "vllm (real vLLM, causal LMs; ratio to the original also run in vLLM); repeat for several")
+    ev.add_argument("--vllm-python", default=None,
+                    help="python of a venv with vLLM, for --backend vllm (default: $CALIB_VLLM_PYTHON, else this "
+                    "interpreter if it has vLLM)")
+    ev.add_argument("--vllm-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"],
+                    help="dtype vLLM runs both models in (default bfloat16: vLLM's CPU build runs INT8 W8A8 in "
+                    "bfloat16 only)")
     ev.add_argument("--json", default=None, help="also write the result as JSON to this path")
     ev.add_argument("--trust-remote-code", action="store_true", help="run the model's own Python code")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -157,7 +164,8 @@ def _run_eval(args) -> None:
     result = evaluate(args.model, args.quantized, args.dataset, text_column=args.text_column, split=args.split,
                       seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=args.batch_size,
                       backends=tuple(dict.fromkeys(args.backend or ["calib"])), progress=not args.no_progress,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code, vllm_python=args.vllm_python,
+                      vllm_dtype=args.vllm_dtype)
     print(format_table(result))
     if args.json:
         path = Path(args.json)

@@ -7,6 +7,8 @@ Backends (how the quantized checkpoint is computed):
 * ``weights``: weights dequantized, activations and KV cache in float
   (:func:`calib.load`): the weight error alone.
 * ``transformers``: as transformers + compressed-tensors read and run it.
+* ``vllm``: in real vLLM (:mod:`calib.vllm_backend`, run in vLLM's own python),
+  causal LMs only; its ratio is to the original run in vLLM too (same dtype).
 
 Metrics: perplexity over non-overlapping windows of the joined text for causal
 LMs; for encoders the cosine between the original's and the quantized model's
@@ -20,6 +22,7 @@ import gzip
 import json
 import logging
 import math
+import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -30,7 +33,7 @@ from tqdm.auto import tqdm
 from calib.errors import CalibInputError, DatasetError, ModelNotFoundError
 
 log = logging.getLogger("calib.eval")
-BACKENDS = ("calib", "weights", "transformers")
+BACKENDS = ("calib", "weights", "transformers", "vllm")
 DEFAULT_EVAL_NAME = "wikitext-2-raw-v1 test (packaged)"
 # Fields that must agree between the original and the checkpoint (else the comparison means nothing).
 MATCHING_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -118,8 +121,12 @@ def _quantized_model(backend: str, folder: Path):
 def evaluate(original: str | None, quantized: str | Path, dataset: str | None = None, *, text_column: str = "text",
              split: str = "test", seq_len: int = 512, max_tokens: int | None = 16384, batch_size: int = 4,
              backends: tuple[str, ...] = ("calib",), progress: bool = True,
-             trust_remote_code: bool = False) -> dict:
-    """Original vs quantized on held-out text; the JSON-ready result ``calib eval`` prints."""
+             trust_remote_code: bool = False, vllm_python: str | None = None,
+             vllm_dtype: str = "bfloat16") -> dict:
+    """Original vs quantized on held-out text; the JSON-ready result ``calib eval`` prints.
+
+    ``vllm_python``: the interpreter with vLLM for backend ``vllm`` (default
+    ``$CALIB_VLLM_PYTHON``, else this one); ``vllm_dtype``: the dtype vLLM runs in."""
     from calib.models import load_model
 
     folder = Path(quantized).expanduser()
@@ -128,6 +135,13 @@ def evaluate(original: str | None, quantized: str | Path, dataset: str | None = 
     for backend in backends:
         if backend not in BACKENDS:
             raise CalibInputError(f"--backend {backend!r}: choose from {', '.join(BACKENDS)}")
+    vllm = None
+    if "vllm" in backends:  # before minutes of float evaluation: a missing vLLM answers at once
+        from calib import vllm_backend
+
+        vllm_backend.check_dtype(vllm_dtype)
+        vllm_backend.check_causal_lm(folder)
+        vllm = vllm_backend.find_vllm_python(vllm_python)
     start = time.perf_counter()
     loaded = load_model(original, dtype="float32", trust_remote_code=trust_remote_code)
     check_same_model(loaded.model.config, folder)
@@ -148,19 +162,32 @@ def evaluate(original: str | None, quantized: str | Path, dataset: str | None = 
     reference = measure(loaded.model, None, "original")
     result["original_value"] = reference.pop("value")
     result["original_time_s"] = round(time.perf_counter() - t0, 2)
-    del loaded
-    for backend in backends:
-        t0 = time.perf_counter()
-        model, new_cache, notes = _quantized_model(backend, folder)
-        row = measure(model, new_cache, backend, reference)
-        del model
-        row["time_s"] = round(time.perf_counter() - t0, 2)
-        row["notes"] = notes
-        if result["metric"] == "perplexity":
-            row["ratio"] = row["value"] / result["original_value"]
-        result["backends"][backend] = row
+    with tempfile.TemporaryDirectory(prefix="calib-eval-") as scratch:
+        if vllm is not None:  # what vLLM reads as the original, written before the float model is dropped
+            vllm_original = vllm_backend.original_folder(original, loaded.model, loaded.tokenizer, Path(scratch))
+        del loaded
+        for backend in backends:
+            t0 = time.perf_counter()
+            if backend == "vllm":
+                row = vllm_backend.vllm_row(vllm, vllm_original, folder, windows, vllm_dtype,
+                                            result["original_value"])
+            else:
+                row = _measure_backend(backend, folder, measure, reference, result)
+            row["time_s"] = round(time.perf_counter() - t0, 2)
+            result["backends"][backend] = row
     result["total_s"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def _measure_backend(backend: str, folder: Path, measure, reference: dict, result: dict) -> dict:
+    """One in-process backend's row (the model is dropped before the next one loads)."""
+    model, new_cache, notes = _quantized_model(backend, folder)
+    row = measure(model, new_cache, backend, reference)
+    del model
+    row["notes"] = notes
+    if result["metric"] == "perplexity":
+        row["ratio"] = row["value"] / result["original_value"]
+    return row
 
 
 def _windows(tokenizer, text: str, seq_len: int, max_tokens: int | None) -> torch.Tensor:
