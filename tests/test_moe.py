@@ -227,3 +227,23 @@ def test_kv_cache_scales_are_refused_for_latent_attention(moe_models, tmp_path):
     with pytest.raises(CalibInputError, match="multi-head latent attention"):
         calib.run(model=str(moe_models["deepseek_v3"]), recipe="fp8-static-kv", output=tmp_path / "out", **RUN)
     assert not (tmp_path / "out").exists()
+
+
+def test_gptq_solves_every_expert_and_rounds_a_starved_one_to_nearest_reported(starved, tmp_path):
+    """GPTQ on DeepSeek-V3 experts: each expert's Hessian comes from the tokens routed to it; the expert no token
+    reaches has none, is rounded to nearest on its siblings' scales and is named in the report; in memory and
+    layer by layer write the same bytes."""
+    import json
+
+    report = calib.run(model=str(starved), recipe="fp8-static-gptq", output=tmp_path / "mem", mode="in-memory", **RUN)
+    calib.run(model=str(starved), recipe="fp8-static-gptq", output=tmp_path / "seq", mode="sequential", **RUN)
+    ta, tb = file_tensors(tmp_path / "mem"), file_tensors(tmp_path / "seq")
+    assert set(ta) == set(tb) and all(raw(ta[n]) == raw(tb[n]) for n in ta)
+    gptq = json.loads((tmp_path / "mem" / "calib_report.json").read_text())["gptq"]
+    expert = "model.layers.1.mlp.experts.3"
+    starved_members = sorted(f"{expert}.{p}" for p in ("down_proj", "gate_proj", "up_proj"))
+    assert sorted(gptq["rounded_to_nearest"]) == starved_members
+    assert all("no calibration tokens" in why for why in gptq["rounded_to_nearest"].values())
+    assert gptq["layers_solved"] + len(starved_members) == report["layers_quantized"]
+    assert gptq["mean_output_error"] < 0.85 * gptq["mean_output_error_round_to_nearest"]
+    assert ta[f"{expert}.gate_proj.weight"].dtype == torch.float8_e4m3fn
