@@ -22,7 +22,7 @@ BUNDLED = {
     "int8-w8a16": ("pack-quantized", ("int", "channel", False), None, False),
     "int4-w4a16": ("pack-quantized", ("int", "group", False), None, False),
     "fp8-static-gptq": ("float-quantized", ("float", "tensor", False), ("float", "tensor", False), False),
-    "int8-w8a8-gptq": ("int-quantized", ("int", "channel", False), ("int", "tensor", False), False),
+    "int8-w8a8-gptq": ("int-quantized", ("int", "channel", False), ("int", "token", True), False),
     "int4-w4a16-gptq": ("pack-quantized", ("int", "group", False), None, False),
 }
 KV_KEYS = {"num_bits", "type", "symmetric", "strategy", "dynamic", "group_size", "block_structure",
