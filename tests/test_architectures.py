@@ -142,8 +142,10 @@ def minilm_path() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def test_bert_encoder_fp8_static_keeps_embeddings(tmp_path):
-    """llm-compressor gets a mean cosine of 0.99756 here; the issue asks >= 0.997."""
+@pytest.mark.parametrize("recipe, samples, floor", [("fp8-static", 128, 0.997), ("fp8-static-gptq", 64, 0.998)])
+def test_bert_encoder_fp8_static_keeps_embeddings(tmp_path, recipe, samples, floor):
+    """Measured mean cosines: fp8-static 0.99700 (128 samples), fp8-static-gptq 0.99847 (128) and 0.99839 (64)
+    (llm-compressor's fp8-static 0.99694 as the README's evaluation measures it); the issue asks >= 0.998."""
     lines = [ln.strip() for ln in (SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw").read_text().splitlines()
              if len(ln.strip()) > 60 and not ln.strip().startswith("=")]
     calib_rows, heldout = lines[:2000], lines[-64:]
@@ -151,8 +153,8 @@ def test_bert_encoder_fp8_static_keeps_embeddings(tmp_path):
     import json
     data_path.write_text("\n".join(json.dumps({"text": t}) for t in calib_rows))
     out = tmp_path / "bert"
-    report = calib.run(model=str(minilm_path()), recipe="fp8-static", dataset=str(data_path), output=out,
-                       num_samples=128, seq_len=128, progress=False)
+    report = calib.run(model=str(minilm_path()), recipe=recipe, dataset=str(data_path), output=out,
+                       num_samples=samples, seq_len=128, progress=False)
     assert report["model_class"] == "BertModel" and report["layers_quantized"] == 37  # 6 x 6 + pooler
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))
     fp32 = transformers.AutoModel.from_pretrained(str(minilm_path())).eval()
@@ -160,7 +162,7 @@ def test_bert_encoder_fp8_static_keeps_embeddings(tmp_path):
     assert quant.encoder.layer[0].attention.self.query.weight.dtype == torch.float8_e4m3fn
     cos = torch.nn.functional.cosine_similarity(mean_pooled_embeddings(fp32, tokenizer, heldout),
                                                 mean_pooled_embeddings(quant, tokenizer, heldout), dim=-1)
-    assert float(cos.mean()) >= 0.997, float(cos.mean())
+    assert float(cos.mean()) >= floor, float(cos.mean())
     tensors = read_tensors(out)[0]
     q, k, v = (tensors[f"encoder.layer.0.attention.self.{p}.input_scale"] for p in ("query", "key", "value"))
     assert torch.equal(q, k) and torch.equal(k, v)
