@@ -330,7 +330,9 @@ class Recipe(BaseModel):
             if raw is None:
                 return None
             keep = {k: v for k, v in raw.items() if k in QuantArgs.model_fields and v is not None}
-            if keep.get("dynamic"):
+            # The observer only says how the scales were chosen; a reader needs none. Other tools write
+            # their own (llm-compressor: memoryless_minmax, static_minmax, ...): keep only ours.
+            if keep.get("dynamic") or keep.get("observer") not in OBSERVER_KWARGS:
                 keep.pop("observer", None)
                 keep.pop("observer_kwargs", None)
             return keep

@@ -490,3 +490,24 @@ def test_deeply_nested_yaml_is_a_recipe_error(tmp_path):
 def test_recipe_file_larger_than_a_recipe_is_refused(tmp_path):
     path = write_recipe(tmp_path, "weights: {type: int, strategy: channel}\n" + "# padding\n" * 200_000)
     assert recipe_error(path).startswith(f"{path}: a recipe is a small YAML file; this one is 2000040 bytes")
+
+
+def test_a_quantization_config_from_llm_compressor_reads_back():
+    """llm-compressor 0.14's fp8-static config.json (as written on SmolLM2): its own observer names are calibration
+    metadata a reader does not need, so calib eval / inspect read the checkpoint instead of refusing it."""
+    args = {"actorder": None, "block_structure": None, "dynamic": False, "group_size": None, "num_bits": 8,
+            "observer_kwargs": {}, "scale_dtype": None, "strategy": "tensor", "symmetric": True, "type": "float",
+            "zp_dtype": None}
+    config = {"config_groups": {"group_0": {
+        "format": "float-quantized", "output_activations": None, "targets": ["Linear"],
+        "input_activations": {**args, "observer": "static_minmax"},
+        "weights": {**args, "observer": "memoryless_minmax"}}},
+        "format": "float-quantized", "global_compression_ratio": None, "ignore": ["lm_head"], "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors", "quantization_status": "compressed", "sparsity_config": {},
+        "transform_config": {}, "version": "0.19.0"}
+    recipe = Recipe.from_quantization_config(config)
+    assert recipe.weights.is_fp8 and recipe.weights.strategy == "tensor" and recipe.input_activations.dynamic is False
+    assert recipe.ignore == ["lm_head"] and recipe.weights.observer == "minmax"  # the default: ours is not claimed
+    ours = load_recipe("fp8-static").model_copy(update={"input_activations": load_recipe("fp8-static")
+                                                        .input_activations.model_copy(update={"observer": "mse"})})
+    assert Recipe.from_quantization_config(ours.to_quantization_config()).input_activations.observer == "mse"
