@@ -33,8 +33,8 @@ weights llm-compressor's default (``memoryless_minmax``):
 * ``int8-w8a8-static``: ``SmoothQuantModifier(smoothing_strength=0.8)``, then INT8 weights per
   output channel and INT8 input activations static per tensor (a custom ``config_groups``).
 * ``int8-w8a8-gptq``: llm-compressor's classic W8A8 example: ``SmoothQuantModifier`` 0.8, then
-  ``GPTQModifier`` with preset ``W8A8`` (activations dynamic per token -- calib's recipe of this
-  name has static per-tensor activations).
+  ``GPTQModifier`` with preset ``W8A8`` (activations dynamic per token, as calib's recipe of this
+  name).
 * ``int4-w4a16``: INT4 symmetric weights per group of 64 input channels (calib's group: 128 does
   not divide SmolLM2's 576), ``QuantizationModifier``, llm-compressor's default weight observer
   (calib's recipe searches each group's clip by MSE).
