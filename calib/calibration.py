@@ -129,8 +129,34 @@ def calibrate(model: nn.Module, recipe: Recipe, data: CalibrationSet | None, bat
                 model, plan, data, batch_size, pad_token_id, groups, calibration.kv_observers,
                 kv=recipe.kv_cache is not None, progress=progress, desc="calibrate",
                 expert_tokens=calibration.expert_tokens)
+    _reduce_over_ranks(calibration, groups)
     calibration.seconds = time.perf_counter() - start
     return calibration
+
+
+def _reduce_over_ranks(calibration: Calibration, groups: list[InputGroup]) -> None:
+    """Several processes (torchrun): every rank's observers, routing counts and
+    token counts become those of all ranks' batches (:mod:`calib.distributed`)."""
+    from calib import distributed
+
+    group = distributed.current()
+    if group is None:
+        return
+    observers = [g.observer for g in groups] + [o for pair in calibration.kv_observers.values() for o in pair]
+    distributed.reduce_states(group, observers)
+    merged = distributed.reduce_counts(group, calibration.expert_tokens)
+    calibration.expert_tokens.clear()
+    calibration.expert_tokens.update(merged)
+    calibration.batches = distributed.sum_int(group, calibration.batches)
+    calibration.tokens = distributed.sum_int(group, calibration.tokens)
+
+
+def local_batches(data: CalibrationSet, batch_size: int, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
+    """This process's calibration batches: all of them, or under torchrun its rank's
+    contiguous block of the very batches one process would run."""
+    from calib import distributed
+
+    return distributed.shard(list(data.batches(batch_size, pad_token_id)), distributed.current())
 
 
 @contextlib.contextmanager
@@ -152,9 +178,9 @@ def _run_batches(model, plan, data, batch_size, pad_token_id, groups, kv_observe
     """Forward every batch with the observers attached; returns (batches, real tokens)."""
     device = next(model.parameters()).device
     batches = tokens = 0
+    mine = local_batches(data, batch_size, pad_token_id)
     with torch.inference_mode(), observe(model, groups, kv_observers, expert_tokens) as session:
-        bar = tqdm(data.batches(batch_size, pad_token_id), total=data.num_batches(batch_size), desc=desc,
-                   unit="batch", disable=not progress)
+        bar = tqdm(mine, total=len(mine), desc=desc, unit="batch", disable=not progress)
         for batch in bar:
             batch = {k: v.to(device) for k, v in batch.items()}
             session.set_mask(batch["attention_mask"])
@@ -174,6 +200,9 @@ def _smooth(model, recipe, plan, data, batch_size, pad_token_id, progress) -> in
     groups = [InputGroup(names=[pair.consumers[0]], observer=ChannelMaxObserver()) for pair in pairs]
     _run_batches(model, plan, data, batch_size, pad_token_id, groups, {}, kv=False, progress=progress,
                  desc="smoothquant")
+    from calib import distributed
+
+    distributed.reduce_states(distributed.current(), [g.observer for g in groups])  # every rank's ranges
     probe = {k: v.to(next(model.parameters()).device) for k, v in next(data.batches(batch_size, pad_token_id)).items()}
     before = _layer_outputs(model, plan, probe)
     saved = _smoothed_parameters(model, pairs)

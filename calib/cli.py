@@ -193,6 +193,14 @@ def _print_summary(report: dict) -> None:
         f"  mode        {execution['mode']}: {execution['reason']}" + (
             "; hidden states spilled to disk" if execution.get("hidden_states_spilled_to_disk") else ""),
     ]
+    dist = report.get("distributed")
+    if dist:
+        split = " | ".join(f"{r['batches'][0]}-{r['batches'][1]}" for r in dist.get("split", []))
+        weights = dist.get("weights_quantized_by_rank") or {}
+        shared = " | ".join(str(v) for v in weights.values()) if all(isinstance(v, int) for v in weights.values()) \
+            else "all on rank 0"
+        lines.append(f"  processes   {dist['processes']} ({dist['backend']}, {dist['nodes']} node(s))"
+                     + (f"; batches per rank {split}" if split else "") + f"; weights quantized per rank {shared}")
     for note in report.get("notes", []):
         lines.append(f"  note        {note}")
     for entry in report.get("unmatched_recipe_entries", []):
@@ -311,8 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     debug = getattr(args, "debug", False)
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    rank = _launcher_rank()
+    logging.basicConfig(level=logging.DEBUG if debug else (logging.INFO if not rank else logging.WARNING),
+                        format=("" if rank is None else f"[rank {rank}] ") + "%(levelname)s %(name)s: %(message)s")
+    if rank and hasattr(args, "no_progress"):
+        args.no_progress = True  # one set of progress bars: rank 0's
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         if args.command == "recipes":
@@ -353,12 +364,17 @@ def main(argv: list[str] | None = None) -> int:
             trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
             max_memory=args.max_memory, mode=args.mode,
         )
-        _print_summary(report)
+        if "rank" in report:  # torchrun: ranks other than 0 leave the summary to rank 0
+            logging.getLogger("calib").info("rank %d of %d done (rank 0 wrote %s)", report["rank"],
+                                            report["processes"], report["output"])
+        else:
+            _print_summary(report)
         return EXIT_OK
     except CalibInputError as exc:
         if debug:
             raise
-        print(f"calib: error: {_one_paragraph(exc)}", file=sys.stderr)
+        where = "" if rank is None else f" (rank {rank})"
+        print(f"calib: error{where}: {_one_paragraph(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # `calib recipes | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -377,6 +393,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if "torch.distributed" in sys.modules:
+            from calib import distributed
+
+            distributed.shutdown()
+
+
+def _launcher_rank() -> int | None:
+    """This process's rank when a launcher (torchrun) started several, else None."""
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return None
+    return None
 
 
 def _main_thread() -> bool:

@@ -206,7 +206,7 @@ def skeleton_for(folder: Path, outline, trust_remote_code: bool) -> torch.nn.Mod
 
 def run_sequential(choice: ModeChoice, outline, recipe: Recipe, data, out: Path, *, batch_size: int, device,
                    max_shard_bytes: int, metadata: dict, source_name: str, trust_remote_code: bool,
-                   progress: bool) -> dict:
+                   progress: bool, ranks=None) -> dict:
     """Calibrate layer by layer, then stream the checkpoint from the source into
     ``out``; returns the report's figures."""
     from calib.checkpoint import NameMap, SafetensorsSource, module_dtypes
@@ -242,13 +242,16 @@ def run_sequential(choice: ModeChoice, outline, recipe: Recipe, data, out: Path,
         written = write_checkpoint(out, source, name_map, cal.plan, recipe, cal.input_observers, cal.kv_observers,
                                    cal.transforms, dtype=module_dtypes(skeleton), metadata=metadata,
                                    max_shard_size=max_shard_bytes, workers=default_workers(), result=result,
-                                   progress=progress, solved=cal.solved, samples=cal.samples)
+                                   progress=progress, solved=cal.solved, samples=cal.samples, ranks=ranks)
         write_s = time.perf_counter() - write_start
         ignore = checkpoint_ignore(recipe, cal.plan, name_map)
         size_before = sum(source.raw(n).nbytes for n in source.names())
     finally:
         source.close()
     side_start = time.perf_counter()
+    if written is None:  # several processes: rank 0 writes the checkpoint
+        return {"calibration": cal, "result": result, "written": None, "size_before_bytes": size_before,
+                "build_s": build_s, "quantize_s": write_s, "export_s": 0.0, "layers": cal.layers}
     config = model_config_dict(skeleton, recipe.to_quantization_config(ignore=ignore), source_name=source_name)
     write_side_files(out, skeleton, tok, config, recipe.to_yaml())
     # quantize_s: quantizing and writing the tensors, overlapped in worker threads (wall time)

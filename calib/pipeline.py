@@ -383,26 +383,65 @@ def run(
     like ``"16GB"`` or bytes (default: 80 % of the memory available at start).
     Every check that needs no model (recipe, sizes, device, output, dataset)
     runs before the model is loaded.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) each process calibrates on its share
+    of the batches, the observers are reduced across processes, the weight work
+    is shared out and rank 0 writes the checkpoint (:mod:`calib.distributed`);
+    the other ranks return ``{"rank": r, ...}`` and write nothing.
     """
-    from calib.estimate import default_budget_bytes, parse_memory
-    from calib.models import model_outline
-    from calib.modes import MODES, choose_mode, streamable_folder
+    from calib import distributed
+    from calib.modes import MODES
 
     total_start = time.perf_counter()
     settings = _settings(recipe, num_samples, seq_len, batch_size, packing, device)
-    recipe = settings.recipe
     if mode not in MODES:
         raise CalibInputError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    args = dict(model=model, dataset=dataset, output=output, text_column=text_column, split=split, packing=packing,
+                seed=seed, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, max_memory=max_memory, mode=mode)
+    group = distributed.init(settings.device)  # torchrun: join the other processes
+    if group is None:
+        return _run(settings, total_start, None, **args)
+    settings.device = distributed.rank_device(settings.device, group)
+    try:
+        group.agree("command", {"recipe": settings.recipe.to_yaml(), "num_samples": settings.num_samples,
+                                "seq_len": settings.seq_len, "batch_size": settings.batch_size,
+                                "device": settings.device.type, "calib_version": __version__,
+                                "torch_version": torch.__version__,
+                                **{k: str(v) for k, v in args.items() if k != "progress"}})
+        report = _run(settings, total_start, group, **args)
+        group.check(None)  # rank 0 has published the checkpoint (or every rank stops with its error)
+        return report
+    except Exception as exc:
+        distributed.share_failure(group, exc)
+        raise
+
+
+def _run(settings: Settings, total_start: float, group, *, model, dataset, output, text_column, split, packing, seed,
+         dtype, max_shard_size, overwrite, progress, trust_remote_code, allow_pickle, max_memory, mode) -> dict:
+    from calib import distributed
+    from calib.estimate import default_budget_bytes, parse_memory
+    from calib.models import model_outline
+    from calib.modes import choose_mode, streamable_folder
+
+    recipe = settings.recipe
+    main = group is None or group.is_main
     budget = parse_memory(str(max_memory)) if max_memory is not None else default_budget_bytes(settings.device)
     budget_from = "--max-memory" if max_memory is not None else "80% of available"
+    if group is not None and max_memory is None and settings.device.type == "cpu" and group.local_world > 1:
+        budget //= group.local_world  # the processes on one machine share its memory
+        budget_from += f", shared by {group.local_world} processes"
     output = Path(output)
     protected = tuple(p for p in (model, dataset) if p)  # the output may never be, hold or sit in these
-    check_output(output, overwrite, protected=protected)
+    if main:
+        check_output(output, overwrite, protected=protected)
     shard_bytes = parse_size(max_shard_size)
 
     # The temporary output is created first: an unwritable output fails before any heavy work, and
-    # whatever happens below (an error, Ctrl-C, SIGTERM) removes it.
-    with atomic_directory(output, overwrite, protected=protected) as folder:
+    # whatever happens below (an error, Ctrl-C, SIGTERM) removes it. Ranks other than 0 write nothing
+    # there: they get a scratch folder of their own (hidden states spilled to disk, if any).
+    scope = atomic_directory(output, overwrite, protected=protected) if main else distributed.scratch_folder()
+    with scope as folder:
         start = time.perf_counter()
         # Read the dataset first: a bad one fails before the (slow) model load.
         rows = load_rows(dataset, split) if recipe.needs_calibration else None
@@ -420,12 +459,17 @@ def run(
             rows_s += time.perf_counter() - start
         choice = choose_mode(model, recipe, mode, budget, budget_from, outline, settings.batch_size,
                              data.seq_len if data else settings.seq_len, data)
+        if group is not None:
+            group.agree("execution mode (each rank chose from its own memory: pass --mode)", choice.mode)
+            if data is not None:
+                group.agree("calibration set", {"fingerprint": data.fingerprint, "samples": len(data.samples),
+                                                "seq_len": data.seq_len})
         if choice.mode != "in-memory":
             choice.folder = streamable_folder(model, fetch=True)[0]
         log.info("mode %s: %s", choice.mode, choice.reason)
         common = dict(output=output, overwrite=overwrite, folder=folder, settings=settings, choice=choice,
                       max_shard_size=max_shard_size, progress=progress, total_start=total_start,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code, group=group)
         if choice.mode == "data-free":
             return _run_data_free(model, recipe, dtype=dtype, **common)
         if choice.mode == "sequential":
@@ -521,6 +565,33 @@ def _finish_report(report: dict, folder: Path, output: Path, written, result: Qu
     return report
 
 
+def _rank_report(group, output: Path) -> dict:
+    """What a rank other than 0 returns: rank 0 wrote the checkpoint and the report."""
+    return {"rank": group.rank, "processes": group.world, "output": str(output), "written_by": 0}
+
+
+def _distributed_section(report: dict, group, data: CalibrationSet | None, batch_size: int, tokenizer,
+                         result: QuantizeResult | None, calibration: Calibration | None) -> None:
+    """The report's ``distributed`` entry: processes, backend, each rank's batches,
+    samples and tokens, and who quantized which weights."""
+    if group is None:
+        return
+    from calib.distributed import split_report
+
+    pad = 0
+    if tokenizer is not None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    batches = list(data.batches(batch_size, pad)) if data is not None else []
+    section = group.as_report(split_report(batches, group) if batches else None)
+    if result is not None:
+        section["weights_quantized_by_rank"] = result.work_by_rank
+    else:
+        section["weights_quantized_by_rank"] = {"0": "all (in-memory export runs on rank 0)"}
+    if calibration is not None and calibration.solved:
+        section["gptq"] = "each layer's solves shared out among the ranks by size, results broadcast"
+    report["distributed"] = section
+
+
 def _streamed_source(model: str | None, choice) -> dict[str, str | None]:
     """Provenance of a streamed source: its public name and a fingerprint of its headers."""
     from calib.models import _source
@@ -533,13 +604,15 @@ def _streamed_source(model: str | None, choice) -> dict[str, str | None]:
 
 def _run_data_free(model, recipe: Recipe, *, dtype: str, output: Path, overwrite: bool, folder: Path,
                    settings: Settings, choice, max_shard_size, progress: bool, total_start: float,
-                   trust_remote_code: bool) -> dict:
+                   trust_remote_code: bool, group=None) -> dict:
     from calib.stream import quantize_data_free
 
     source = _streamed_source(model, choice)
     summary = quantize_data_free(choice.folder, recipe, folder, dtype=dtype, max_shard_size=max_shard_size,
                                  metadata=provenance(recipe, None, None, source), source_name=source["name"],
-                                 trust_remote_code=trust_remote_code, progress=progress)
+                                 trust_remote_code=trust_remote_code, progress=progress, ranks=group)
+    if summary is None:
+        return _rank_report(group, output)
     from calib.estimate import safetensors_stats
 
     notes = [] if settings.device.type == "cpu" else [
@@ -549,6 +622,9 @@ def _run_data_free(model, recipe: Recipe, *, dtype: str, output: Path, overwrite
                           choice, {"load": 0.0, "data": 0.0, "calibrate": 0.0},
                           safetensors_stats(choice.folder).total_bytes)
     report["planned_on"] = summary.planned_on
+    if group is not None:
+        report["distributed"] = group.as_report()
+        report["distributed"]["weights_quantized_by_rank"] = summary.result.work_by_rank
     written = _Written(summary.files, summary.size_after_bytes)
     return _finish_report(report, folder, output, written, summary.result, summary.quantize_s, summary.export_s,
                           total_start, summary.plan)
@@ -562,14 +638,17 @@ class _Written:
 
 def _run_sequential(model, recipe: Recipe, outline, data: CalibrationSet, *, notes: list[str], data_s: float,
                     shard_bytes: int, output: Path, overwrite: bool, folder: Path, settings: Settings, choice,
-                    max_shard_size, progress: bool, total_start: float, trust_remote_code: bool) -> dict:
+                    max_shard_size, progress: bool, total_start: float, trust_remote_code: bool,
+                    group=None) -> dict:
     from calib.modes import run_sequential
 
     source = _streamed_source(model, choice)
     figures = run_sequential(choice, outline, recipe, data, folder, batch_size=settings.batch_size,
                              device=settings.device, max_shard_bytes=shard_bytes,
                              metadata=provenance(recipe, data, None, source), source_name=source["name"],
-                             trust_remote_code=trust_remote_code, progress=progress)
+                             trust_remote_code=trust_remote_code, progress=progress, ranks=group)
+    if figures["written"] is None:
+        return _rank_report(group, output)
     cal = figures["calibration"]
     report = _base_report(source["name"], source["fingerprint"], source["revision"],
                           type(outline.skeleton).__name__, recipe, settings.device, data, settings.batch_size,
@@ -578,6 +657,7 @@ def _run_sequential(model, recipe: Recipe, outline, data: CalibrationSet, *, not
                            "calibrate": round(cal.seconds, 3)}, figures["size_before_bytes"])
     report["sequential"] = {"layers": figures["layers"], "hidden_states_spilled_to_disk": cal.spilled,
                             "seconds_per_layer": round(cal.seconds / max(figures["layers"], 1), 3)}
+    _distributed_section(report, group, data, settings.batch_size, outline.tokenizer, figures["result"], cal)
     return _finish_report(report, folder, output, figures["written"], figures["result"], figures["quantize_s"],
                           figures["export_s"], total_start, cal.plan, cal)
 
@@ -586,7 +666,7 @@ def _run_in_memory(model, recipe: Recipe, dataset, rows, rows_s: float, data: Ca
                    notes: list[str], *, dtype: str, allow_pickle: bool,
                    text_column: str, split: str, packing: str, seed: int, output: Path, overwrite: bool,
                    folder: Path, settings: Settings, choice, max_shard_size, progress: bool, total_start: float,
-                   trust_remote_code: bool) -> dict:
+                   trust_remote_code: bool, group=None) -> dict:
     from calib.models import load_model
 
     target, batch_size = settings.device, settings.batch_size
@@ -603,6 +683,9 @@ def _run_in_memory(model, recipe: Recipe, dataset, rows, rows_s: float, data: Ca
                                     notes=notes)
         recipe = _recorded(recipe, data, batch_size)
     data_s = time.perf_counter() - start + rows_s
+    if group is not None:
+        group.agree("model or calibration set", {"model": loaded.fingerprint or loaded.public_name,
+                                                 "data": data.fingerprint if data else None})
     tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     calibration = calibrate(loaded.model, recipe, data, batch_size=batch_size, pad_token_id=pad, progress=progress)
@@ -612,6 +695,9 @@ def _run_in_memory(model, recipe: Recipe, dataset, rows, rows_s: float, data: Ca
                           calibration.plan.unmatched, notes, choice,
                           {"load": round(load_s, 3), "data": round(data_s, 3),
                            "calibrate": round(calibration.seconds, 3)}, state_dict_bytes(loaded.model))
+    if group is not None and not group.is_main:
+        return _rank_report(group, output)  # rank 0 quantizes and writes (in-memory export is not shared out)
+    _distributed_section(report, group, data, batch_size, tok, None, calibration)
     export(loaded.model, recipe, output, calibration, tokenizer=tok, data=data, max_shard_size=max_shard_size,
            overwrite=overwrite, report=report, progress=progress, started_at=total_start,
            source={"name": loaded.public_name, "fingerprint": loaded.fingerprint, "revision": loaded.revision},

@@ -456,6 +456,7 @@ class QuantizeResult:
     kv_scales: dict[str, dict[str, float]] = field(default_factory=dict)
     unobserved: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    work_by_rank: dict[str, int] = field(default_factory=dict)  # several processes: weights each rank quantized
 
 
 def coverage_report(plan: Plan, result: QuantizeResult) -> dict:

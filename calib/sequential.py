@@ -51,7 +51,9 @@ from tqdm.auto import tqdm
 
 from calib.algorithms.smoothquant import SmoothPair, apply_smoothing, smoothing_pairs, smoothing_scales
 from calib import qmath
-from calib.calibration import Calibration, _forward_kwargs, all_experts_observed, input_groups, sample_groups
+from calib import distributed
+from calib.calibration import Calibration, _forward_kwargs, _reduce_over_ranks, all_experts_observed, input_groups, \
+    local_batches, sample_groups
 from calib.data import CalibrationSet
 from calib.errors import CalibInputError
 from calib.estimate import RUNTIME_OVERHEAD, forward_workspace_bytes, human
@@ -227,7 +229,8 @@ def sequential_memory(model: nn.Module, data: CalibrationSet, batch_size: int, d
         for name, module in in_layers.items():
             index = layout.layer_of(name)
             # a Hessian per target (fused siblings share one: an overestimate) + the weight's float copy
-            per_layer[index] = (per_layer.get(index, 0) + 4 * module.weight.shape[1] ** 2
+            # (float64, + a float32 batch product while accumulating)
+            per_layer[index] = (per_layer.get(index, 0) + 12 * module.weight.shape[1] ** 2
                                 + module.weight.numel() * element)
         gptq_layer = max(per_layer.values(), default=0)
     return SequentialMemory(unit_bytes=max(sizes), hidden_bytes=sum(per_batch),
@@ -594,7 +597,7 @@ def calibrate_sequential(model: nn.Module, load_weights: LoadWeights, recipe: Re
     device = _default_device(model, device)
     walk = _Walk(model=model, plan=plan, layout=layout, units=units(model, layout), load_weights=load_weights,
                  device=device, slots=tensor_slots(model), canonical=canonical_names(model),
-                 batches=[{k: v.to(device) for k, v in b.items()} for b in data.batches(batch_size, pad_token_id)])
+                 batches=[{k: v.to(device) for k, v in b.items()} for b in local_batches(data, batch_size, pad_token_id)])
     count = len(layout.layers)
 
     with _spill_folder(spill_dir if result.spilled else None) as folder, _evaluating(model):
@@ -615,6 +618,7 @@ def calibrate_sequential(model: nn.Module, load_weights: LoadWeights, recipe: Re
         with tqdm(total=layers, desc="calibrate (sequential)", unit="layer", disable=not progress) as bar:
             for index in range(layers):
                 layer_start = time.perf_counter()
+                distributed.inject_fault(index)
                 weights = walk.materialise(walk.units.layers[index])
                 try:
                     for stream in streams:
@@ -629,6 +633,8 @@ def calibrate_sequential(model: nn.Module, load_weights: LoadWeights, recipe: Re
                                     else contextlib.nullcontext():
                                 tuple_out = _run_layer(walk, index, stream) or tuple_out
                         result.all_experts = result.all_experts or all_experts
+                        if layer_pairs:  # every rank's channel ranges before the rescaling
+                            distributed.reduce_states(distributed.current(), [g.observer for _, g in layer_pairs])
                         done = _smooth_layer(model, layer_pairs, recipe, result.transforms)
                         if done:  # the rewrite must keep the layer's function: batch 0 again, smoothed
                             _check_smoothed(walk, index, stream, probe, stream.store.peek(0), done)
@@ -650,6 +656,7 @@ def calibrate_sequential(model: nn.Module, load_weights: LoadWeights, recipe: Re
         result.expert_tokens = streams[-1].expert_tokens
         result.batches = len(walk.batches)
         result.tokens = int(sum(int(b["attention_mask"].sum()) for b in walk.batches))
+        _reduce_over_ranks(result, streams[-1].groups)
     result.layers = count
     result.seconds = time.perf_counter() - start
     return result
@@ -812,6 +819,7 @@ def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result
         yield
         return
     _run_layer(walk, index, stream, hessians + [group for _, group in pairs])
+    distributed.reduce_states(distributed.current(), [g.observer for g in hessians] + [g.observer for _, g in pairs])
     model, args, gptq = walk.model, recipe.weights, recipe.gptq
     probe = stream.store.peek(0) if pairs else None
     before = _probe_layer(walk, index, stream, probe) if pairs else None
@@ -826,21 +834,40 @@ def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result
                 group.observer.h = group.observer.h / s.unsqueeze(0) / s.unsqueeze(1)
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
+        ranks = distributed.current()
+        todo = [g for g in hessians if g.observer.observed]
         for group in hessians:
-            observer = group.observer
-            if not observer.observed:
+            if not group.observer.observed:
                 result.gptq_fallbacks.update({n: "no calibration tokens reached it: rounded to nearest"
                                               for n in group.names})
-                continue
+        # Several processes: each solves its share of the layer's groups, then every rank gets every result.
+        owners = distributed.owner_of([g.observer.h.shape[0] * sum(model.get_submodule(n).weight.shape[0]
+                                                                    for n in g.names) for g in todo],
+                                      ranks.world if ranks else 1)
+        mine = [g for g, owner in zip(todo, owners) if owner == (ranks.rank if ranks else 0)]
+        solved_by_group: dict[int, dict] = {}
+        for group in todo:
             params = [model.get_submodule(n).weight for n in group.names]
             shared = {}
             if args.is_fp8 and args.strategy == "tensor" and len(group.names) > 1:
                 top = torch.stack([finite_amax(n, p.detach(), "tensor") for n, p in zip(group.names, params)]).max()
                 shared = {n: top.reshape(1) for n in group.names}
             scales = [weight_scale(p.detach(), args, n, shared)[1] for n, p in zip(group.names, params)]
-            solved = solve(group.names, [p.detach() for p in params], scales, observer.h, args,
-                           block_size=gptq.block_size, dampening_frac=gptq.dampening_frac, actorder=gptq.actorder)
-            observer.h = None  # [in, in] float32 per group: freed as soon as it is used
+            if any(group is g for g in mine):
+                solved_by_group[id(group)] = solve(group.names, [p.detach() for p in params], scales, group.observer.h,
+                                                   args, block_size=gptq.block_size,
+                                                   dampening_frac=gptq.dampening_frac, actorder=gptq.actorder)
+            else:
+                solved_by_group[id(group)] = {"scales": scales, "params": params}
+            group.observer.h = None  # [in, in] float64 per group: freed as soon as it is used
+        if ranks is not None:
+            ranks.check(None)  # a solve that failed on one rank stops every rank here
+            for group, owner in zip(todo, owners):
+                solved_by_group[id(group)] = _share_solved(ranks, owner, group.names, solved_by_group[id(group)],
+                                                           args)
+        for group in todo:
+            solved = solved_by_group[id(group)]
+            params = [model.get_submodule(n).weight for n in group.names]
             for name, param in zip(group.names, params):
                 rounded = solved[name]
                 full = qmath.expand_scale(rounded.scale.to(torch.float32), param.shape, args.strategy,
@@ -854,6 +881,30 @@ def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result
         with torch.no_grad():
             for param, original in saved:
                 param.copy_(original)
+
+
+def _share_solved(ranks, owner: int, names: list[str], mine, args) -> dict:
+    """GPTQ results for ``names`` as rank ``owner`` solved them, on every rank: the
+    stored values and the figures are broadcast; the scales every rank computed
+    alike (``mine`` is ``solve``'s result on the owner, else the scales and weights)."""
+    from calib.algorithms.gptq import Solved
+
+    out = {}
+    for index, name in enumerate(names):
+        if ranks.rank == owner:
+            s = mine[name]
+            q, scale = s.q, s.scale
+            figures = torch.tensor([s.dampening, s.output_error, s.output_error_rtn, float(s.escalated)],
+                                   dtype=torch.float64)
+        else:
+            weight = mine["params"][index]
+            q = torch.empty(tuple(weight.shape), dtype=qmath.FP8_DTYPE if args.is_fp8 else torch.int8)
+            scale, figures = mine["scales"][index].cpu(), torch.zeros(4, dtype=torch.float64)
+        q = ranks.broadcast(q, owner)
+        figures = ranks.broadcast(figures, owner).tolist()
+        out[name] = Solved(q=q, scale=scale, dampening=figures[0], output_error=figures[1],
+                           output_error_rtn=figures[2], escalated=bool(figures[3]))
+    return out
 
 
 def _probe_layer(walk: _Walk, index: int, stream: _Stream, hidden: torch.Tensor) -> torch.Tensor:

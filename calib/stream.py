@@ -369,14 +369,19 @@ def write_checkpoint(folder: str | Path, source: TensorSource, name_map: NameMap
                      metadata: Mapping[str, str] | None = None, max_shard_size: int = 5 * 10**9,
                      workers: int = 1, result: QuantizeResult | None = None, progress: bool = False,
                      solved: Mapping[str, object] | None = None,
-                     samples: Mapping[str, object] | None = None):
+                     samples: Mapping[str, object] | None = None, ranks=None):
     """Write :func:`quantized_stream`'s tensors into ``folder`` (shards + index)
     with :class:`calib.export.PlannedWriter`: the layout is fixed first (its size
     checked against the free space), then each tensor is computed and written at
     its offset, by ``workers`` threads. Memory: about ``workers`` tensors. The
     files are byte for byte what :func:`calib.export.write_tensors` writes for
     the same stream, whatever the thread timing; ``result`` gets the layers in
-    stream order. Returns the :class:`calib.export.WrittenCheckpoint`."""
+    stream order. Returns the :class:`calib.export.WrittenCheckpoint`.
+
+    ``ranks`` (a :class:`calib.distributed.Group`, several processes): the
+    quantized weights are shared out among the ranks (:func:`calib.distributed.owner_of`,
+    by size); each rank quantizes its own and sends them to rank 0, which alone
+    writes (``folder`` is only read on rank 0; the others return None)."""
     from tqdm.auto import tqdm
 
     from calib.export import PlannedWriter, check_free_space
@@ -384,10 +389,27 @@ def write_checkpoint(folder: str | Path, source: TensorSource, name_map: NameMap
     result = result if result is not None else QuantizeResult()
     work = CheckpointQuantizer(source, name_map, plan, recipe, input_observers, kv_observers, transforms, dtype,
                                raw_copies=True, solved=solved, samples=samples)
-    layout = work.layout()
-    check_free_space(folder, sum(torch.empty((), dtype=d).element_size() * _numel(s) for _, d, s in layout))
-    work.prepare(result)
-    writer = PlannedWriter(folder, layout, dict(metadata or {}), max_shard_size)
+    owners = _owners(work, ranks)
+    main = ranks is None or ranks.is_main
+    if main:
+        layout = work.layout()
+        check_free_space(folder, sum(torch.empty((), dtype=d).element_size() * _numel(s) for _, d, s in layout))
+        work.prepare(result)
+        writer = PlannedWriter(folder, layout, dict(metadata or {}), max_shard_size)
+    else:
+        work.prepare(QuantizeResult())
+    if ranks is not None:
+        try:
+            ranks.check(None)  # a rank that failed before this point stops every rank, before any send
+        except BaseException:
+            if main:
+                writer._close_fds()
+            raise
+        heavy = [owners[item.index] for item in work.items if item.kind == "quantize"]
+        result.work_by_rank = {str(r): heavy.count(r) for r in range(ranks.world)}
+    if not main:
+        _send_items(work, owners, ranks)
+        return None
     per_item = [QuantizeResult() for _ in work.items]
 
     buffers = _Buffers()
@@ -404,7 +426,10 @@ def write_checkpoint(folder: str | Path, source: TensorSource, name_map: NameMap
         with tqdm(total=len(work.items), desc="quantize+write", unit="tensor", disable=not progress) as bar:
             if workers <= 1:
                 for item in work.items:
-                    run(item)
+                    if owners[item.index]:
+                        _receive_item(work, item, owners[item.index], ranks, writer, per_item[item.index])
+                    else:
+                        run(item)
                     bar.update()
             else:
                 # This thread reads the source tensors in file order (one sequential stream for the
@@ -414,6 +439,10 @@ def write_checkpoint(folder: str | Path, source: TensorSource, name_map: NameMap
                     pending: dict = {}  # future -> bytes it holds
                     try:
                         for item in work.items:
+                            if owners[item.index]:  # another rank quantizes it: receive it here, in order
+                                _receive_item(work, item, owners[item.index], ranks, writer, per_item[item.index])
+                                bar.update()
+                                continue
                             size = _item_bytes(work, item)
                             while pending and (len(pending) >= 2 * workers
                                                or sum(pending.values()) + size > PREFETCH_BYTES):
@@ -445,6 +474,76 @@ def write_checkpoint(folder: str | Path, source: TensorSource, name_map: NameMap
         result.kv_scales.update(part.kv_scales)
         result.seconds += part.seconds
     return writer.close()
+
+
+def _owners(work: CheckpointQuantizer, ranks) -> list[int]:
+    """Which rank computes each item: quantized weights shared out by size, everything
+    else (copies, casts, KV scales) on rank 0, which writes."""
+    from calib.distributed import owner_of
+
+    owners = [0] * len(work.items)
+    if ranks is None or ranks.world == 1:
+        return owners
+    heavy = [item for item in work.items if item.kind == "quantize"]
+    for item, owner in zip(heavy, owner_of([_item_bytes(work, item) for item in heavy], ranks.world)):
+        owners[item.index] = owner
+    return owners
+
+
+def _send_items(work: CheckpointQuantizer, owners: list[int], ranks) -> None:
+    """A rank other than 0: quantize the items it owns, in order, and send each to
+    rank 0 (a JSON header with the layer statistics, then each tensor's bytes);
+    one send in flight while the next item is computed."""
+    import json
+
+    import torch.distributed as dist
+
+    in_flight: list = []
+    sending: list[torch.Tensor] = []
+    for item in work.items:
+        if owners[item.index] != ranks.rank:
+            continue
+        part = QuantizeResult()
+        tensors = work.compute(item, part)
+        header = json.dumps({"index": item.index, "names": [n for n, _ in tensors],
+                             "layers": [asdict(layer) for layer in part.layers], "kv_scales": part.kv_scales,
+                             "seconds": part.seconds}).encode()
+        payload = [torch.tensor([len(header)], dtype=torch.int64),
+                   torch.frombuffer(bytearray(header), dtype=torch.uint8)]
+        payload += [t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in tensors]
+        for handle in in_flight:  # the previous item's sends (their tensors are kept alive until now)
+            handle.wait()
+        sending = [ranks._t(t) for t in payload]
+        in_flight = [dist.isend(t, dst=0) for t in sending]
+    for handle in in_flight:
+        handle.wait()
+
+
+def _receive_item(work: CheckpointQuantizer, item: _Item, owner: int, ranks, writer, result: QuantizeResult) -> None:
+    """Rank 0: ``item``'s tensors from the rank that quantized it, written in place."""
+    import json
+
+    import torch.distributed as dist
+
+    from calib.quantize import LayerStats
+
+    size = torch.empty(1, dtype=torch.int64)
+    dist.recv(size, src=owner)
+    raw = torch.empty(int(size), dtype=torch.uint8)
+    dist.recv(raw, src=owner)
+    header = json.loads(bytes(raw.tolist()).decode())
+    expected = [name for name, _, _ in item.outputs]
+    if header["index"] != item.index or header["names"] != expected:
+        raise RuntimeError(f"rank {owner} sent {header['names']} (item {header['index']}) where rank 0 expected "
+                           f"{expected} (item {item.index}): the ranks disagree on the checkpoint's layout (a bug)")
+    for name, dtype, shape in item.outputs:
+        numel = _numel(shape)
+        buffer = torch.empty(numel * torch.empty((), dtype=dtype).element_size(), dtype=torch.uint8)
+        dist.recv(buffer, src=owner)
+        writer.write(name, buffer.view(dtype).reshape(shape))
+    result.layers.extend(LayerStats(**layer) for layer in header["layers"])
+    result.kv_scales.update(header["kv_scales"])
+    result.seconds += float(header["seconds"])
 
 
 PREFETCH_BYTES = 512 * 2**20  # source tensors read ahead of the workers, at most (one larger tensor alone)
@@ -645,7 +744,7 @@ def quantize_data_free(model_dir: str | Path, recipe: Recipe | str, output_folde
                        dtype: str | torch.dtype | None = "auto", max_shard_size: str | int = "5GB",
                        metadata: Mapping[str, str] | None = None, tokenizer=None, source_name: str | None = None,
                        trust_remote_code: bool = False, workers: int | None = None,
-                       progress: bool = False) -> StreamSummary:
+                       progress: bool = False, ranks=None) -> StreamSummary | None:
     """Quantize a local safetensors model with a recipe that needs no calibration
     (fp8-dynamic, int8-w8a8-dynamic, int8-w8a16, int4-w4a16) into
     ``output_folder`` (an existing, empty folder: the caller's temporary folder
@@ -659,6 +758,8 @@ def quantize_data_free(model_dir: str | Path, recipe: Recipe | str, output_folde
     keeps every tensor's stored dtype; a dtype casts float tensors as loading
     in that dtype would. ``metadata``: the provenance for each shard's header.
     Writes the same tensors, in the same files, as the in-memory path.
+    ``ranks``: several processes share the quantizing, rank 0 writes
+    (:func:`write_checkpoint`); the other ranks return None.
     """
     from calib.export import model_config_dict, parse_size, source_config_dict, write_side_files
     from calib.models import _read_config_json, _torch_dtype
@@ -701,10 +802,12 @@ def quantize_data_free(model_dir: str | Path, recipe: Recipe | str, output_folde
         write_start = time.perf_counter()
         written = write_checkpoint(output, source, name_map, plan, recipe, dtype=cast, metadata=metadata or {},
                                    max_shard_size=shard_bytes, workers=workers or default_workers(), result=result,
-                                   progress=progress)
+                                   progress=progress, ranks=ranks)
         write_s = time.perf_counter() - write_start
     finally:
         source.close()
+    if written is None:  # another rank writes
+        return None
     qconfig = recipe.to_quantization_config(ignore=ignore)
     if skeleton is not None:
         if tokenizer is None:

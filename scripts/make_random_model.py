@@ -33,6 +33,9 @@ PRESETS = {
     # A ~1.1B Llama (TinyLlama's shapes, GQA).
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+    # A ~400M Llama (SmolLM2's vocabulary; the distributed and calibration benchmarks' shapes).
+    "llama-400m": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=18, num_attention_heads=16,
+                       num_key_value_heads=8, vocab_size=49152, max_position_embeddings=4096),
     # A ~250M Llama for quick runs.
     "llama-250m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
                        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),

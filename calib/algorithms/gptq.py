@@ -42,7 +42,7 @@ MAX_ESCALATIONS = 4  # dampening x10 each time: up to 10^4 x the recipe's
 
 
 class HessianObserver:
-    """``sum x x^T`` over the real tokens a Linear reads, in float32 (an input
+    """``sum x x^T`` over the real tokens a Linear reads, in float64 (an input
     observer: :func:`calib.hooks.observe` feeds it like the range observers)."""
 
     name = "hessian"
@@ -57,10 +57,12 @@ class HessianObserver:
         if rows.numel() == 0:
             return
         rows = rows.to(torch.float32)
-        if self.h is None:
-            self.h = rows.T @ rows
+        part = rows.T @ rows  # float32 per batch, summed in float64: the sum of a few such batches is exact
+        if self.h is None:  # in practice, so ranks that split the batches add up to the same bytes
+            self.h = part.to(torch.float64)
         else:
-            self.h.addmm_(rows.T, rows)
+            self.h += part
+        del part
         # |H_ij| <= sqrt(H_ii H_jj): a finite diagonal is a finite Hessian (and costs a row, not a matrix)
         if not torch.isfinite(torch.diagonal(self.h)).all():
             raise NonFiniteInput(nonfinite_kind(rows))
@@ -208,7 +210,7 @@ def solve(names: list[str], weights: list[torch.Tensor], scales: list[torch.Tens
              for w, sc in zip(weights, scales)]
     w_all = torch.cat([w.to(torch.float32).cpu() for w in weights])
     s_all = torch.cat([f.cpu() for f in fulls])
-    h = h.cpu()
+    h = h.cpu().to(torch.float32)
     label = names[0] if len(names) == 1 else f"{names[0]} (with {', '.join(n.rsplit('.', 1)[-1] for n in names[1:])})"
     q_all, damp = gptq_round(w_all, h, s_all, args.is_fp8, qmax, block_size=block_size,
                              dampening_frac=dampening_frac, actorder=actorder, name=label)
