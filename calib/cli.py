@@ -197,8 +197,7 @@ def _print_summary(report: dict) -> None:
     if dist:
         split = " | ".join(f"{r['batches'][0]}-{r['batches'][1]}" for r in dist.get("split", []))
         weights = dist.get("weights_quantized_by_rank") or {}
-        shared = " | ".join(str(v) for v in weights.values()) if all(isinstance(v, int) for v in weights.values()) \
-            else "all on rank 0"
+        shared = " | ".join(str(v) for v in weights.values())
         lines.append(f"  processes   {dist['processes']} ({dist['backend']}, {dist['nodes']} node(s))"
                      + (f"; batches per rank {split}" if split else "") + f"; weights quantized per rank {shared}")
     for note in report.get("notes", []):

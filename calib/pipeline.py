@@ -81,7 +81,7 @@ def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Ca
            tokenizer=None, data: CalibrationSet | None = None, max_shard_size: str | int = "5GB",
            overwrite: bool = False, report: dict | None = None, progress: bool = True,
            started_at: float | None = None, source: dict[str, str | None] | None = None,
-           folder: Path | None = None) -> "ExportSummary":
+           folder: Path | None = None, ranks=None) -> "ExportSummary | None":
     """Quantize and write a compressed-tensors checkpoint to ``output`` atomically.
 
     If ``report`` is given it is completed with the export figures (and the
@@ -89,19 +89,30 @@ def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Ca
     the checkpoint before it is moved into place. ``folder`` is the temporary
     directory of an :func:`atomic_directory` the caller already holds (``run``
     enters it before loading the model, so an unwritable output fails first).
+
+    ``ranks`` (several processes, :mod:`calib.distributed`): every rank calls
+    this; the quantized weights are shared out and rank 0 writes (the same
+    bytes, through :func:`calib.stream.write_checkpoint`); the others return None.
     """
     calibration = calibration or calibrate(model, recipe, None)
     shard_bytes = parse_size(max_shard_size)
     result = QuantizeResult()
     start = time.perf_counter()
+    if ranks is not None and not ranks.is_main:
+        _write_shared(model, recipe, None, calibration, result, ranks, progress, {}, shard_bytes)
+        return None
     scope = contextlib.nullcontext(Path(folder)) if folder is not None else atomic_directory(Path(output), overwrite)
     with scope as folder:
         check_free_space(folder, estimated_checkpoint_bytes(model, recipe, calibration.plan))
-        stream = quantized_tensors(model, recipe, calibration.plan, calibration.input_observers,
-                                   calibration.kv_observers, result, calibration.solved,
-                                   calibration.samples)
-        written = write_tensors(folder, _with_progress(stream, model, calibration.plan, progress),
-                                provenance(recipe, data, model, source), shard_bytes)
+        if ranks is None:
+            stream = quantized_tensors(model, recipe, calibration.plan, calibration.input_observers,
+                                       calibration.kv_observers, result, calibration.solved,
+                                       calibration.samples)
+            written = write_tensors(folder, _with_progress(stream, model, calibration.plan, progress),
+                                    provenance(recipe, data, model, source), shard_bytes)
+        else:
+            written = _write_shared(model, recipe, folder, calibration, result, ranks, progress,
+                                    provenance(recipe, data, model, source), shard_bytes)
         ignore = checkpoint_ignore(recipe, calibration.plan, NameMap.for_model(model, StateDictSource(model)))
         config = model_config_dict(model, recipe.to_quantization_config(ignore=ignore),
                                    source_name=(source or {}).get("name") or _public_model_name(model))
@@ -111,6 +122,8 @@ def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Ca
                                 export_s=time.perf_counter() - start - result.seconds, result=result)
         coverage = coverage_report(calibration.plan, result)  # a shortfall stops before the move into place
         if report is not None:
+            if ranks is not None and "distributed" in report:
+                report["distributed"]["weights_quantized_by_rank"] = result.work_by_rank
             report.update(summary.as_report())
             _add_sections(report, coverage, calibration, result)
             report["timings_s"]["quantize"] = round(summary.quantize_s, 3)
@@ -121,6 +134,19 @@ def export(model: nn.Module, recipe: Recipe, output: str | Path, calibration: Ca
                 report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             (folder / "calib_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return summary
+
+
+def _write_shared(model: nn.Module, recipe: Recipe, folder: Path | None, calibration: Calibration,
+                  result: QuantizeResult, ranks, progress: bool, metadata: dict, shard_bytes: int):
+    """The in-memory model's checkpoint with the weight work shared out among the
+    ranks (:func:`calib.stream.write_checkpoint` on the model's state dict)."""
+    from calib.stream import write_checkpoint
+
+    source = StateDictSource(model)
+    return write_checkpoint(folder, source, NameMap.for_model(model, source), calibration.plan, recipe,
+                            calibration.input_observers, calibration.kv_observers, metadata=metadata,
+                            max_shard_size=shard_bytes, result=result, progress=progress and ranks.is_main,
+                            solved=calibration.solved, samples=calibration.samples, ranks=ranks)
 
 
 def _with_progress(stream, model: nn.Module, plan: Plan, progress: bool):
@@ -583,10 +609,8 @@ def _distributed_section(report: dict, group, data: CalibrationSet | None, batch
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batches = list(data.batches(batch_size, pad)) if data is not None else []
     section = group.as_report(split_report(batches, group) if batches else None)
-    if result is not None:
+    if result is not None:  # (in memory, export() adds it once written)
         section["weights_quantized_by_rank"] = result.work_by_rank
-    else:
-        section["weights_quantized_by_rank"] = {"0": "all (in-memory export runs on rank 0)"}
     if calibration is not None and calibration.solved:
         section["gptq"] = "each layer's solves shared out among the ranks by size, results broadcast"
     report["distributed"] = section
@@ -696,10 +720,11 @@ def _run_in_memory(model, recipe: Recipe, dataset, rows, rows_s: float, data: Ca
                           {"load": round(load_s, 3), "data": round(data_s, 3),
                            "calibrate": round(calibration.seconds, 3)}, state_dict_bytes(loaded.model))
     if group is not None and not group.is_main:
-        return _rank_report(group, output)  # rank 0 quantizes and writes (in-memory export is not shared out)
+        export(loaded.model, recipe, output, calibration, progress=False, max_shard_size=max_shard_size, ranks=group)
+        return _rank_report(group, output)
     _distributed_section(report, group, data, batch_size, tok, None, calibration)
     export(loaded.model, recipe, output, calibration, tokenizer=tok, data=data, max_shard_size=max_shard_size,
            overwrite=overwrite, report=report, progress=progress, started_at=total_start,
            source={"name": loaded.public_name, "fingerprint": loaded.fingerprint, "revision": loaded.revision},
-           folder=folder)
+           folder=folder, ranks=group)
     return report

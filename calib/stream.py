@@ -527,19 +527,20 @@ def _receive_item(work: CheckpointQuantizer, item: _Item, owner: int, ranks, wri
 
     from calib.quantize import LayerStats
 
-    size = torch.empty(1, dtype=torch.int64)
-    dist.recv(size, src=owner)
-    raw = torch.empty(int(size), dtype=torch.uint8)
-    dist.recv(raw, src=owner)
+    def receive(count: int, dtype: torch.dtype) -> torch.Tensor:  # (on the GPU with nccl)
+        buffer = torch.empty(count, dtype=dtype, device=ranks.device)
+        dist.recv(buffer, src=owner)
+        return buffer.cpu()
+
+    size = receive(1, torch.int64)
+    raw = receive(int(size), torch.uint8)
     header = json.loads(bytes(raw.tolist()).decode())
     expected = [name for name, _, _ in item.outputs]
     if header["index"] != item.index or header["names"] != expected:
         raise RuntimeError(f"rank {owner} sent {header['names']} (item {header['index']}) where rank 0 expected "
                            f"{expected} (item {item.index}): the ranks disagree on the checkpoint's layout (a bug)")
     for name, dtype, shape in item.outputs:
-        numel = _numel(shape)
-        buffer = torch.empty(numel * torch.empty((), dtype=dtype).element_size(), dtype=torch.uint8)
-        dist.recv(buffer, src=owner)
+        buffer = receive(_numel(shape) * torch.empty((), dtype=dtype).element_size(), torch.uint8)
         writer.write(name, buffer.view(dtype).reshape(shape))
     result.layers.extend(LayerStats(**layer) for layer in header["layers"])
     result.kv_scales.update(header["kv_scales"])
