@@ -771,35 +771,93 @@ def _layer_output_kind(walk: _Walk, kv: bool) -> bool:
     return False  # the catch proper explains the problem
 
 
-def _run_layer(walk: _Walk, index: int, stream: _Stream, hessians: list[InputGroup] | None = None) -> bool:
-    """Every batch of ``stream`` through layer ``index`` with its observers; returns
-    whether the layer returns a tuple. With ``hessians`` (GPTQ's first pass) only
-    those observe, and the outputs are dropped: the inputs stay for the next pass."""
+def _layer_output(walk: _Walk, index: int, out, hidden: torch.Tensor) -> torch.Tensor:
+    """The next hidden states from what layer ``index`` returned (checked)."""
+    result = out[0] if isinstance(out, (tuple, list)) else out
+    if not torch.is_tensor(result) or result.shape != hidden.shape:
+        raise CalibInputError(f"{walk.layout.layer_name(index)} returned {type(result).__name__} "
+                              f"{list(getattr(result, 'shape', []))} for hidden states "
+                              f"{list(hidden.shape)}: sequential mode expects the next hidden states first")
+    return result
+
+
+def _run_layer(walk: _Walk, index: int, stream: _Stream) -> bool:
+    """Every batch of ``stream`` through layer ``index`` with its observers; the
+    outputs replace the inputs in the store. Returns whether the layer returns a tuple."""
     layout, config = walk.layout, getattr(walk.model, "config", None)
     layer = layout.layers[index]
-    keep = hessians is not None
-    if keep:
-        groups, kv, expert_tokens = hessians, {}, {}
-    else:
-        groups = [g for g in stream.groups if layout.layer_of(g.names[0]) == index]
-        kv = {i: obs for i, obs in stream.kv_observers.items() if layout.layer_of(walk.plan.attention[i]) == index}
-        expert_tokens = stream.expert_tokens
+    groups = [g for g in stream.groups if layout.layer_of(g.names[0]) == index]
+    kv = {i: obs for i, obs in stream.kv_observers.items() if layout.layer_of(walk.plan.attention[i]) == index}
     tuple_out = False
-    with torch.inference_mode(), observe(walk.model, groups, kv, expert_tokens) as session:
-        for batch, hidden in stream.store.take_all(keep=keep):
+    with torch.inference_mode(), observe(walk.model, groups, kv, stream.expert_tokens) as session:
+        for batch, hidden in stream.store.take_all():
             session.set_mask(walk.batches[batch]["attention_mask"])
             args, kwargs = stream.calls[batch][index].bind(hidden, lambda: observing_cache(session, config))
             out = layer(*args, **kwargs)
             tuple_out = isinstance(out, tuple)
-            result = out[0] if isinstance(out, (tuple, list)) else out
-            if not torch.is_tensor(result) or result.shape != hidden.shape:
-                raise CalibInputError(f"{layout.layer_name(index)} returned {type(result).__name__} "
-                                      f"{list(getattr(result, 'shape', []))} for hidden states "
-                                      f"{list(hidden.shape)}: sequential mode expects the next hidden states first")
+            result = _layer_output(walk, index, out, hidden)
             del out, hidden, args, kwargs
-            if not keep:
-                stream.store.put(batch, result)
+            stream.store.put(batch, result)
     return tuple_out
+
+
+class _StopWhenAllRead:
+    """Forward pre-hooks that end a layer's forward (raise :class:`_Stop`) as soon as
+    every module of ``groups`` has read its input in this batch: GPTQ's Hessian
+    pass needs the inputs only, so the rest of the layer (``down_proj``'s product,
+    the residual) is not computed. Registered after :func:`observe`'s hooks, so the
+    last module is observed before the stop. A module that is not called in a
+    batch (an expert no token was routed to) lets the forward run to its end."""
+
+    def __init__(self, model: nn.Module, groups: list[InputGroup]) -> None:
+        self.names = {n for g in groups for n in g.names}
+        self.seen: set[str] = set()
+        self.armed = True
+        self.handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in self.names]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.seen.add(name)
+            if self.armed and len(self.seen) == len(self.names):
+                raise _Stop
+        return hook
+
+    def next_batch(self, armed: bool) -> None:
+        self.seen, self.armed = set(), armed
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _hessian_pass(walk: _Walk, index: int, stream: _Stream, groups: list[InputGroup],
+                  first_output: bool = False) -> torch.Tensor | None:
+    """GPTQ's first pass: every batch of ``stream`` through layer ``index`` with only
+    ``groups`` observing (Hessians, SmoothQuant's ranges). The inputs stay in the
+    store for the observing pass; each forward stops once every group has read its
+    input. ``first_output``: batch 0 runs to the end and its output is returned
+    (float32): the layer's function before SmoothQuant, for the check after it."""
+    layout, config = walk.layout, getattr(walk.model, "config", None)
+    layer = layout.layers[index]
+    first = None
+    with torch.inference_mode(), observe(walk.model, groups) as session:
+        stop = _StopWhenAllRead(walk.model, groups)
+        try:
+            for batch, hidden in stream.store.take_all(keep=True):
+                session.set_mask(walk.batches[batch]["attention_mask"])
+                stop.next_batch(armed=not (first_output and batch == 0))
+                args, kwargs = stream.calls[batch][index].bind(hidden, lambda: observing_cache(session, config))
+                try:
+                    out = layer(*args, **kwargs)
+                except _Stop:
+                    continue
+                result = _layer_output(walk, index, out, hidden)
+                if first_output and batch == 0:
+                    first = result.detach().float()
+                del out, result
+        finally:
+            stop.remove()
+    return first
 
 
 @contextlib.contextmanager
@@ -818,11 +876,10 @@ def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result
     if not hessians:
         yield
         return
-    _run_layer(walk, index, stream, hessians + [group for _, group in pairs])
+    before = _hessian_pass(walk, index, stream, hessians + [group for _, group in pairs], first_output=bool(pairs))
     distributed.reduce_states(distributed.current(), [g.observer for g in hessians] + [g.observer for _, g in pairs])
     model, args, gptq = walk.model, recipe.weights, recipe.gptq
     probe = stream.store.peek(0) if pairs else None
-    before = _probe_layer(walk, index, stream, probe) if pairs else None
     done = _smooth_layer(model, pairs, recipe, result.transforms)
     if done:
         _check_smoothed(walk, index, stream, probe, before, done)

@@ -103,6 +103,62 @@ def test_dampening_escalates_then_the_error_names_the_layer():
         inverse_hessian_factor(torch.zeros(3, 3), 0.01, "x")
 
 
+@pytest.mark.parametrize("shape", [(300, 200), (300, 700), (64, 2100)])
+def test_gram_is_the_full_product_computed_by_blocks(shape):
+    """gram(x) = x^T x (1, 2 and 8 column blocks), exactly symmetric."""
+    from calib.algorithms.gptq import gram
+
+    torch.manual_seed(5)
+    x = torch.randn(*shape) * torch.rand(shape[1]) * 4
+    got = gram(x)
+    want = x.double().T @ x.double()
+    assert torch.equal(got, got.T)
+    assert float((got.double() - want).abs().max()) < 1e-5 * float(want.abs().max())
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_inverse():
+    """U upper triangular, positive diagonal, U^T U = (H + damp I)^-1 (checked in float64)."""
+    torch.manual_seed(6)
+    x = torch.randn(400, 40) @ (torch.randn(40, 40) / 5 + torch.eye(40))
+    h = x.T @ x
+    upper, frac = inverse_hessian_factor(h, 0.01, "x")
+    assert frac == 0.01 and torch.equal(upper, upper.triu()) and bool((torch.diagonal(upper) > 0).all())
+    damped = h.double() + 0.01 * float(torch.diagonal(h).double().mean()) * torch.eye(40, dtype=torch.float64)
+    product = upper.double().T @ upper.double() @ damped
+    assert float((product - torch.eye(40, dtype=torch.float64)).abs().max()) < 1e-4
+
+
+def test_hessian_pass_stops_once_every_input_is_read():
+    """GPTQ's first pass needs inputs only: a Llama layer's forward ends at
+    down_proj's pre-hook (after its input is observed), so down_proj never runs;
+    disarmed, the same forward runs to the end."""
+    import transformers
+
+    from calib.hooks import InputGroup, observe
+    from calib.sequential import _Stop, _StopWhenAllRead
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    model = transformers.LlamaForCausalLM(config).eval()
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]
+    groups = [InputGroup(names=[f"model.layers.0.{n}"], observer=HessianObserver()) for n in names]
+    ran = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *a: ran.append("down_proj"))
+    ids = torch.randint(0, 100, (2, 16))
+    with torch.inference_mode(), observe(model, groups) as session:
+        stop = _StopWhenAllRead(model, groups)
+        session.set_mask(None)
+        with pytest.raises(_Stop):
+            model(input_ids=ids)
+        assert ran == [] and all(g.observer.count == 32 for g in groups)  # down_proj's input was observed
+        stop.next_batch(armed=False)
+        session.set_mask(None)
+        model(input_ids=ids)
+        stop.remove()
+    assert ran == ["down_proj"] and all(g.observer.count == 64 for g in groups)
+
+
 def test_recipe_gptq_fields_are_checked():
     import yaml
 

@@ -39,6 +39,26 @@ from calib.errors import CalibInputError
 from calib.observers import NonFiniteInput, _valid, nonfinite_kind
 
 MAX_ESCALATIONS = 4  # dampening x10 each time: up to 10^4 x the recipe's
+GRAM_BLOCK = 256  # the narrowest column block :func:`gram` splits an input into
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``x^T x`` for ``x`` [tokens, n]: the products on and above the diagonal only,
+    in ``k`` column blocks (``k = n // GRAM_BLOCK``, at most 8), the blocks below it
+    their transposes. That is ``(k + 1) / 2k`` of a full product's multiply-adds
+    (5/8 for SmolLM2's 1536-wide ``down_proj`` input), BLAS having no ``syrk``
+    in torch; each entry is still one dot product over the tokens."""
+    n = x.shape[1]
+    k = max(1, min(8, n // GRAM_BLOCK))
+    if k == 1:
+        return x.T @ x
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    out = torch.empty(n, n, dtype=x.dtype, device=x.device)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        row = x[:, lo:hi].T @ x[:, lo:]  # [hi - lo, n - lo]: the diagonal block and those right of it
+        out[lo:hi, lo:] = row
+        out[hi:, lo:hi] = row[:, hi - lo:].T
+    return out
 
 
 class HessianObserver:
@@ -57,7 +77,7 @@ class HessianObserver:
         if rows.numel() == 0:
             return
         rows = rows.to(torch.float32)
-        part = rows.T @ rows  # float32 per batch, summed in float64: the sum of a few such batches is exact
+        part = gram(rows)  # float32 per batch, summed in float64: the sum of a few such batches is exact
         if self.h is None:  # in practice, so ranks that split the batches add up to the same bytes
             self.h = part.to(torch.float64)
         else:
@@ -112,10 +132,18 @@ def _grid(v: torch.Tensor, is_fp8: bool, qmax: float) -> torch.Tensor:
     return torch.round(v).clamp_(-qmax - 1, qmax)
 
 
+def _to_grid(v: torch.Tensor, is_fp8: bool, qmax: float) -> torch.Tensor:
+    """:func:`_grid` in place (GPTQ's column loop): ``v`` onto the stored grid."""
+    if is_fp8:
+        return v.copy_(v.clamp_(-qmath.FP8_MAX, qmath.FP8_MAX).to(qmath.FP8_DTYPE))
+    return v.round_().clamp_(-qmax - 1, qmax)
+
+
 def inverse_hessian_factor(h: torch.Tensor, dampening_frac: float, name: str) -> tuple[torch.Tensor, float]:
     """The upper Cholesky factor of ``(H + damp I)^-1`` (float32) and the
     dampening fraction used: escalated x10 while ``H`` is not positive definite.
-    Factorised in float64 (conditioning first; float32 would be 2x faster)."""
+    Factorised in float64 (conditioning first): one Cholesky of the reversed
+    matrix and one triangular inverse, no explicit inverse."""
     if not torch.isfinite(h).all():
         raise CalibInputError(f"{name}: the GPTQ Hessian holds NaN/Inf: the layer's calibration inputs overflowed "
                               "(load the model in float32: --dtype float32)")
@@ -124,18 +152,16 @@ def inverse_hessian_factor(h: torch.Tensor, dampening_frac: float, name: str) ->
         raise CalibInputError(f"{name}: its calibration inputs are all zero, so GPTQ has nothing to minimise; "
                               "ignore the module or remove gptq from the recipe")
     frac = dampening_frac
+    m = h.to(torch.float64)
+    eye = torch.eye(m.shape[0], dtype=torch.float64, device=m.device)
     for _ in range(MAX_ESCALATIONS + 1):
-        for dtype in (torch.float64,):  # one dtype, kept as a loop to try float32 first later
-            m = h.to(dtype)
-            eye = torch.eye(m.shape[0], dtype=dtype, device=m.device)
-            factor, info = torch.linalg.cholesky_ex(m + frac * mean_diag * eye)
-            if int(info) == 0:
-                # (L L^T)^-1 = L^-T L^-1: a triangular solve and a product (cholesky_inverse is ~20x slower on CPU)
-                lower_inverse = torch.linalg.solve_triangular(factor, eye, upper=False)
-                inverse = lower_inverse.T @ lower_inverse
-                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-                if int(info) == 0 and torch.isfinite(upper).all():
-                    return upper.to(torch.float32), frac
+        # With J the reversal, J H J = M M^T gives H^-1 = (J M^-T J)(J M^-1 J), and J M^-1 J is upper
+        # triangular with a positive diagonal: the factor itself (one Cholesky, one triangular inverse).
+        lower, info = torch.linalg.cholesky_ex((m + frac * mean_diag * eye).flip(0, 1))
+        if int(info) == 0:
+            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            if torch.isfinite(upper).all():
+                return upper.to(torch.float32), frac
         frac *= 10
     raise CalibInputError(f"{name}: the GPTQ Hessian is singular even with dampening {frac / 10:g} x its mean "
                           f"diagonal ({h.shape[0]} inputs, rank {int(torch.linalg.matrix_rank(h))}): use more "
@@ -163,21 +189,21 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, scale_full: torch.Tensor, is_fp
     upper, damp = inverse_hessian_factor(h, dampening_frac, name)
     cols = wt.shape[0]
     grid = torch.empty_like(wt)  # the stored values, in float32
+    diagonal, dead_at = torch.diagonal(upper).tolist(), dead.tolist()  # Python numbers: no sync per column
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         block = wt[start:end]  # a view: updated in place
         errors = torch.empty_like(block)
         u = upper[start:end, start:end]
         for i in range(end - start):
-            col, sc = block[i], st[start + i]
-            stored = _grid(col / sc, is_fp8, qmax)
-            grid[start + i] = stored
-            error = (col - stored * sc).div_(u[i, i])
-            if bool(dead[start + i]):
+            col, sc, stored, error = block[i], st[start + i], grid[start + i], errors[i]
+            _to_grid(torch.div(col, sc, out=stored), is_fp8, qmax)
+            torch.mul(stored, sc, out=error)
+            torch.sub(col, error, out=error).div_(diagonal[start + i])
+            if dead_at[start + i]:
                 error.zero_()
             if i + 1 < end - start:
                 block[i + 1:].addmm_(u[i, i + 1:, None], error[None, :], alpha=-1.0)  # addr_ is unvectorised on CPU
-            errors[i] = error
         if end < cols:
             wt[end:].addmm_(upper[start:end, end:].T, errors, alpha=-1.0)
     if order is not None:
