@@ -14,10 +14,12 @@ Hessian sum equals the single process's up to summation order (identical bytes
 on every model tested), and histograms (percentile, MSE observers) are re-binned
 to a common range before the sum (close, not bit-identical).
 
-Failures: every reduction starts with :meth:`Group.check`, a collective in which
-each rank says whether it failed and why. A rank whose step raised calls it
-with its exception (:meth:`Group.step`), so all ranks stop together with an
-error that names the failing rank and its message. A rank that dies outright
+Failures: every collective phase (a reduction, an agreement, the GPTQ
+broadcasts, the export's sends) starts with :meth:`Group.check`, a collective in
+which each rank says whether it failed and why. A rank whose work raised calls
+it with its exception (:func:`share_failure`, from :func:`calib.pipeline.run`),
+so all ranks stop together with an error that names the failing rank and its
+message. A rank that dies outright
 (killed, out of memory) is caught by the launcher (torchrun stops the other
 workers and names the rank) and, across machines, by the collectives' timeout
 (``CALIB_DIST_TIMEOUT`` seconds, default 1800).
@@ -146,17 +148,6 @@ class Group:
         exc = RankFailed(f"{text} (this is rank {self.rank} of {self.world}; every rank stops, nothing is written)")
         exc._calib_agreed = True
         raise exc
-
-    @contextlib.contextmanager
-    def step(self, what: str = "") -> Iterator[None]:
-        """Run a block that may fail on one rank only: a failure is shared with every
-        rank at the next :meth:`check` (the block's end, or the next reduction)."""
-        try:
-            yield
-        except Exception as exc:  # KeyboardInterrupt/SIGTERM: the launcher stops everyone
-            self.check(exc)
-            raise
-        self.check(None)
 
     def agree(self, what: str, value) -> None:
         """Stop unless every rank has the same ``value`` (JSON-able): the error names the

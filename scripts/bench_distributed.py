@@ -85,6 +85,11 @@ def main() -> int:
         made = write_random_model(model, "llama-400m", torch.float32)
         print(f"made {model}: {made['params'] / 1e6:.0f}M parameters in {made['seconds']} s", file=sys.stderr)
 
+    dataset = Path(args.dataset)
+    if dataset.suffix == ".raw":  # WikiText's raw file: plain text under a name calib does not read
+        copy = work / (dataset.stem + ".txt")
+        copy.write_bytes(dataset.read_bytes())
+        args.dataset = str(copy)
     gpus = 0
     if args.device.startswith("cuda"):
         import torch
