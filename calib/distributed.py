@@ -510,12 +510,13 @@ def sum_int(group: Group | None, value: int) -> int:
 
 
 def owner_of(sizes: Sequence[int], world: int) -> list[int]:
-    """A deterministic assignment of work items (by size) to ranks: each item, in
-    order, to the least loaded rank so far (ties to the lowest rank)."""
+    """A deterministic assignment of work items (by size) to ranks: largest first,
+    each to the least loaded rank so far (ties to the lowest rank and the earlier
+    item); returns each item's rank, in the items' order."""
     load = [0] * world
-    owners = []
-    for size in sizes:
+    owners = [0] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: (-int(sizes[i]), i)):
         rank = min(range(world), key=lambda r: (load[r], r))
-        owners.append(rank)
-        load[rank] += max(int(size), 1)
+        owners[index] = rank
+        load[rank] += max(int(sizes[index]), 1)
     return owners

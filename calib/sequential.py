@@ -898,8 +898,8 @@ def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result
                 result.gptq_fallbacks.update({n: "no calibration tokens reached it: rounded to nearest"
                                               for n in group.names})
         # Several processes: each solves its share of the layer's groups, then every rank gets every result.
-        owners = distributed.owner_of([g.observer.h.shape[0] * sum(model.get_submodule(n).weight.shape[0]
-                                                                    for n in g.names) for g in todo],
+        owners = distributed.owner_of([_solve_cost(g.observer.h.shape[0], sum(model.get_submodule(n).weight.shape[0]
+                                                                               for n in g.names)) for g in todo],
                                       ranks.world if ranks else 1)
         mine = [g for g, owner in zip(todo, owners) if owner == (ranks.rank if ranks else 0)]
         solved_by_group: dict[int, dict] = {}
@@ -938,6 +938,13 @@ def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result
         with torch.no_grad():
             for param, original in saved:
                 param.copy_(original)
+
+
+def _solve_cost(inputs: int, outputs: int) -> int:
+    """A GPTQ solve's cost in multiply-adds, roughly: the inverse factor (``in^3``,
+    float64), the blocks' updates and the output errors (``~3.5 in^2 out``), and
+    the column loop's per-column overhead (worth ~20k multiply-adds a column)."""
+    return inputs ** 3 + (7 * inputs * inputs * outputs) // 2 + 20_000 * inputs
 
 
 def _share_solved(ranks, owner: int, names: list[str], mine, args) -> dict:

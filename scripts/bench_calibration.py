@@ -12,6 +12,7 @@ one process, side by side, since machines are noisy.
     python scripts/bench_calibration.py                 # ~400M random Llama + SmolLM2, 64 x 512
     python scripts/bench_calibration.py --quick         # ~100M random Llama + SmolLM2, 8 x 512
     python scripts/bench_calibration.py --model PATH --samples 32 --seq-len 256 --json out.json
+    python scripts/bench_calibration.py --model random-llama-400m --only minmax --only GPTQ   # some rows only
 
 Columns: plain_forward_s, calibrate_s, ratio = calibrate_s / plain_forward_s,
 hook_ratio = calibrate_s / (same forward args without hooks), peak_rss_mb.
@@ -66,7 +67,7 @@ def calibration_set(tokenizer, vocab: int, samples: int, seq_len: int):
     return CalibrationSet(samples=ids, source="random token ids", seq_len=seq_len, packed=True, seed=0)
 
 
-def bench_one(name: str, samples: int, seq_len: int, batch_size: int) -> list[dict]:
+def bench_one(name: str, samples: int, seq_len: int, batch_size: int, only: list[str] | None = None) -> list[dict]:
     import torch
 
     import calib
@@ -102,6 +103,8 @@ def bench_one(name: str, samples: int, seq_len: int, batch_size: int) -> list[di
     recipes["fp8-static + GPTQ"] = calib.load_recipe("fp8-static").model_copy(
         update={"gptq": calib.recipe.GPTQArgs()})
     recipes["int8-w8a8-gptq (SmoothQuant + GPTQ)"] = calib.load_recipe("int8-w8a8-gptq")
+    if only:
+        recipes = {label: r for label, r in recipes.items() if any(word in label for word in only)}
     lean_kwargs = _forward_kwargs(model, plan_for(model, recipes["minmax"]), False, ObservationSession())
 
     def lean():
@@ -148,13 +151,15 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="~100M random Llama, 8 x 512")
+    parser.add_argument("--only", action="append", help="run only the rows whose label contains this (repeatable: "
+                        "minmax, percentile, GPTQ, SmoothQuant)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--_single", help=argparse.SUPPRESS)
     args = parser.parse_args()
     samples = args.samples or (8 if args.quick else 64)
 
     if args._single:
-        print(json.dumps(bench_one(args._single, samples, args.seq_len, args.batch_size)))
+        print(json.dumps(bench_one(args._single, samples, args.seq_len, args.batch_size, args.only)))
         return 0
 
     models = args.model or ["random-llama-100m" if args.quick else "random-llama-400m", "smollm2-135m"]
@@ -162,6 +167,8 @@ def main() -> int:
     for name in models:
         cmd = [sys.executable, __file__, "--_single", name, "--samples", str(samples), "--seq-len",
                str(args.seq_len), "--batch-size", str(args.batch_size)]
+        for word in args.only or []:
+            cmd += ["--only", word]
         print(f"benchmarking {name} ({samples} x {args.seq_len}) ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -13,9 +13,12 @@ with the same arguments, both sequential (layer by layer). Columns: wall time of
 each command (process start to exit, model load and export included), the
 calibration time from each report, the speed-up (single wall / N-process
 wall), and whether the two checkpoints are the same bytes (every file but the
-report). On a CPU machine, one process uses every core (torch's threads) and N
-processes one core each (torchrun sets OMP_NUM_THREADS=1; pass
---threads-per-process to change it): the comparison is of the same cores.
+report). On a CPU machine every process gets the same threads
+(``--threads-per-process``, default: cores / N, set as OMP_NUM_THREADS for the
+single process too), so the speed-up is the data-parallel scaling and the bytes
+can be compared (BLAS may round a product differently with another number of
+threads); ``--all-cores`` adds a single process with every core, the way
+``calib run`` runs by default.
 
 The table goes to stdout (markdown) and, with --json, to a file.
 """
@@ -63,7 +66,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--nproc", type=int, default=None, help="processes (default: 2 on CPU, every GPU on cuda)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads-per-process", type=int, default=None)
+    parser.add_argument("--threads-per-process", type=int, default=None,
+                        help="CPU threads of every process (default: cores / N)")
+    parser.add_argument("--all-cores", action="store_true", help="add a single process with every core")
     parser.add_argument("--quick", action="store_true", help="16 x 256")
     parser.add_argument("--work", type=Path, default=None, help="where models and checkpoints go (default: a temp dir)")
     parser.add_argument("--json", type=Path)
@@ -102,23 +107,27 @@ def main() -> int:
     common = ["--model", str(model), "--dataset", args.dataset, "--num-samples", str(args.samples), "--seq-len",
               str(args.seq_len), "--batch-size", str(args.batch_size), "--sequential", "--no-progress", "--overwrite"]
     # (label, device, processes): 1 vs N on the device; on one GPU, that GPU vs the CPU instead.
-    setups = [("1 process", args.device, 1), (f"{nproc} processes", args.device, nproc)]
+    threads = args.threads_per_process or max(1, (os.cpu_count() or 1) // nproc)
+    # (label, device, processes, threads): 1 vs N on the device; on one GPU, that GPU vs the CPU instead.
+    setups = [("1 process", args.device, 1, threads), (f"{nproc} processes", args.device, nproc, threads)]
+    if args.device == "cpu" and args.all_cores:
+        setups.append(("1 process, all cores", "cpu", 1, None))
     if gpus == 1:
-        setups = [("CPU, 1 process", "cpu", 1), ("1 GPU", "cuda", 1)]
+        setups = [("CPU, 1 process", "cpu", 1, None), ("1 GPU", "cuda", 1, None)]
     rows = []
     for recipe in recipes:
         outputs = []
-        for label, device, procs in setups:
-            out = work / f"{recipe}-{device}-{procs}"
+        for label, device, procs, cpu_threads in setups:
+            out = work / (f"{recipe}-{device}-{procs}" + ("" if cpu_threads or device != "cpu" else "-all"))
             cmd = ["-m", "calib", "run", *common, "--recipe", recipe, "--device", device, "--output", str(out)]
             run_env = dict(env)
+            if device == "cpu" and cpu_threads:
+                run_env["OMP_NUM_THREADS"] = str(cpu_threads)
             if procs == 1:
                 cmd = [sys.executable, *cmd]
             else:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
                        *cmd]
-                if args.threads_per_process:
-                    run_env["OMP_NUM_THREADS"] = str(args.threads_per_process)
             wall, done = _run(cmd, run_env)
             if done.returncode != 0:
                 print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
@@ -126,22 +135,25 @@ def main() -> int:
             report = _report(out)
             outputs.append(out)
             rows.append({"recipe": recipe, "setup": label, "device": device, "processes": procs,
+                         "threads_per_process": cpu_threads if device == "cpu" else None,
                          "wall_s": round(wall, 2), "calibrate_s": report["timings_s"]["calibrate"],
                          "quantize_write_s": report["timings_s"]["quantize"],
                          "peak_rss_mb_rank0": report["peak_rss_mb"], "peak_cuda_mb": report.get("peak_cuda_mb")})
             print(f"{recipe} {label}: {wall:.1f} s", file=sys.stderr)
-        base = rows[-2]
-        rows[-1]["speedup"] = round(base["wall_s"] / rows[-1]["wall_s"], 3)
-        rows[-1]["calibrate_speedup"] = round(base["calibrate_s"] / max(rows[-1]["calibrate_s"], 1e-9), 3)
-        rows[-1]["same_bytes"] = _same_bytes(outputs[0], outputs[1])
+        base, many = rows[-len(setups)], rows[-len(setups) + 1]
+        many["speedup"] = round(base["wall_s"] / many["wall_s"], 3)
+        many["calibrate_speedup"] = round(base["calibrate_s"] / max(many["calibrate_s"], 1e-9), 3)
+        many["same_bytes"] = _same_bytes(outputs[0], outputs[1])
     import platform
 
     header = (f"model {model.name}, {args.samples} x {args.seq_len} tokens of {Path(args.dataset).name}, batch "
               f"{args.batch_size}, sequential; {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}")
-    lines = [header, "", "| recipe | setup | wall s | calibrate s | quantize+write s | speed-up (wall) | "
-             "speed-up (calibrate) | same bytes |", "|---|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| recipe | setup | threads per process | wall s | calibrate s | quantize+write s | "
+             "speed-up (wall) | speed-up (calibrate) | same bytes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['recipe']} | {r['setup']} | {r['wall_s']} | {r['calibrate_s']} | {r['quantize_write_s']} "
+        threads = r["threads_per_process"] or ("all" if r["device"] == "cpu" else "")
+        lines.append(f"| {r['recipe']} | {r['setup']} | {threads} | {r['wall_s']} | {r['calibrate_s']} "
+                     f"| {r['quantize_write_s']} "
                      f"| {r.get('speedup', '')} | {r.get('calibrate_speedup', '')} | {r.get('same_bytes', '')} |")
     print("\n".join(lines))
     if args.json:

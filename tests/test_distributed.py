@@ -93,7 +93,8 @@ def test_shard_refuses_more_ranks_than_batches():
 
 
 def test_owner_of_balances_by_size_deterministically():
-    assert owner_of([10, 1, 1, 1, 8], 2) == [0, 1, 1, 1, 1]
+    assert owner_of([10, 1, 1, 1, 8], 2) == [0, 1, 1, 0, 1]  # largest first: loads 11 and 10
+    assert owner_of([1, 1, 8], 2) == [1, 1, 0]
     assert owner_of([5, 5, 5, 5], 2) == [0, 1, 0, 1]
     assert owner_of([3, 3, 3], 1) == [0, 0, 0]
 
