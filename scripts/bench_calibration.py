@@ -105,7 +105,7 @@ def bench_one(name: str, samples: int, seq_len: int, batch_size: int, only: list
     recipes["int8-w8a8-gptq (SmoothQuant + GPTQ)"] = calib.load_recipe("int8-w8a8-gptq")
     if only:
         recipes = {label: r for label, r in recipes.items() if any(word in label for word in only)}
-    lean_kwargs = _forward_kwargs(model, plan_for(model, recipes["minmax"]), False, ObservationSession())
+    lean_kwargs = _forward_kwargs(model, plan_for(model, calib.load_recipe("fp8-static")), False, ObservationSession())
 
     def lean():
         with torch.inference_mode():
