@@ -299,10 +299,12 @@ def make_observer(name: str, kwargs: dict | None = None) -> Observer:
 
 
 def weight_amax_mse(w: torch.Tensor, amax: torch.Tensor, qmax: float, is_float: bool,
-                    grid: int = 40, low: float = 0.5) -> torch.Tensor:
+                    grid: int = 40, low: float = 0.5, norm: float = 2.0) -> torch.Tensor:
     """Per-row clip search for weights: for each candidate shrink ``p`` in
     ``[low, 1]`` quantize-dequantize ``w`` with ``amax * p`` and keep, per scale
-    row, the ``p`` with the least squared error. ``amax`` is ``[out, 1]`` or ``[1]``.
+    row, the ``p`` with the least ``sum |error|^norm`` (2: the squared error; a
+    larger norm weighs the largest errors more, i.e. clips less). ``amax`` is
+    ``[out, 1]`` or ``[1]``.
     """
     from calib.qmath import quantize_fp8, quantize_int, symmetric_scale
 
@@ -313,7 +315,7 @@ def weight_amax_mse(w: torch.Tensor, amax: torch.Tensor, qmax: float, is_float: 
         cand = amax * p
         scale = symmetric_scale(cand, qmax)
         q = quantize_fp8(w, scale) if is_float else quantize_int(w, scale, qmin=-int(qmax) - 1, qmax=int(qmax))
-        err = (q.to(torch.float32) * scale - w).pow(2)
+        err = (q.to(torch.float32) * scale - w).pow(2) if norm == 2.0 else (q.to(torch.float32) * scale - w).abs().pow(norm)
         err = err.sum(dim=1, keepdim=True) if amax.dim() == 2 else err.sum().reshape(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

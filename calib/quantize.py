@@ -323,10 +323,12 @@ def weight_amax(w: torch.Tensor, args: QuantArgs, name: str = "weight") -> torch
     amax = finite_amax(name, w, args.strategy, args.group_size)
     if args.observer == "mse":
         qmax = qmath.qmax_for(args.num_bits, args.is_fp8)
+        search = {"grid": int(args.observer_kwargs.get("grid", 40)),
+                  "norm": float(args.observer_kwargs.get("norm", 2.0))}
         if args.strategy == "group":
             rows = w.reshape(-1, args.group_size)
-            return weight_amax_mse(rows, amax.reshape(-1, 1), qmax, args.is_fp8).reshape(amax.shape)
-        return weight_amax_mse(w, amax, qmax, args.is_fp8)
+            return weight_amax_mse(rows, amax.reshape(-1, 1), qmax, args.is_fp8, **search).reshape(amax.shape)
+        return weight_amax_mse(w, amax, qmax, args.is_fp8, **search)
     return amax
 
 

@@ -30,6 +30,8 @@ OBSERVER_KWARGS = {
 BINS_MIN, BINS_MAX = 16, 65536
 # MSE clip search candidates: at least both ends of the search range.
 GRID_MIN, GRID_MAX = 2, 1000
+# The weight clip search minimises sum |error|^norm (activation histograms: norm 2 only).
+NORM_MIN, NORM_MAX = 1.0, 8.0
 # A recipe is a few dozen fields: anything far larger is a mistake or an attack.
 MAX_RECIPE_BYTES = 1 << 20
 MAX_YAML_VALUES = 10_000
@@ -75,9 +77,9 @@ def observer_kwargs_problem(observer: str, kwargs: dict[str, Any]) -> str | None
     if "grid" in kwargs and not (_is_int(grid) and GRID_MIN <= grid <= GRID_MAX):
         return f"observer_kwargs.grid: {short_repr(grid)} must be a whole number from {GRID_MIN} to {GRID_MAX}"
     norm = kwargs.get("norm")
-    if "norm" in kwargs and not (_is_number(norm) and float(norm) == 2.0):
-        return (f"observer_kwargs.norm: {short_repr(norm)} is not supported: the mse observer minimises the "
-                "squared error (norm 2); remove norm or set it to 2")
+    if "norm" in kwargs and not (_is_number(norm) and NORM_MIN <= float(norm) <= NORM_MAX):
+        return (f"observer_kwargs.norm: {short_repr(norm)} must be a number from {NORM_MIN:g} to {NORM_MAX:g} "
+                "(the exponent of the clip search's error: 2 is the squared error)")
     pct = kwargs.get("percentile")
     if "percentile" in kwargs and not (_is_number(pct) and 50.0 < float(pct) <= 100.0):
         return f"observer_kwargs.percentile: {short_repr(pct)} must be a number in (50, 100], e.g. 99.99"
@@ -232,6 +234,12 @@ class Recipe(BaseModel):
             raise ValueError("weights.strategy: token is for activations; use tensor, channel or group")
         if w.observer not in OBSERVERS_FOR_WEIGHTS:
             raise ValueError(f"weights.observer: {w.observer} is not one of {', '.join(OBSERVERS_FOR_WEIGHTS)}")
+        for role, args in (("input_activations", a), ("kv_cache", kv)):
+            norm = args.observer_kwargs.get("norm", 2.0) if args is not None else 2.0
+            if float(norm) != 2.0:
+                raise ValueError(f"{role}.observer_kwargs.norm: {short_repr(norm)} is not supported for "
+                                 "activations: their mse observer minimises the squared error over a histogram "
+                                 "(norm 2); norm is for the weights' clip search")
         if w.num_bits == 4:
             if w.type != "int" or a is not None:
                 raise ValueError("weights.num_bits: 4-bit weights are INT4 weight-only: type int and no "

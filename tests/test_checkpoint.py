@@ -161,7 +161,9 @@ def test_input_scales_equal_observed_activation_max(checkpoints, tinystories_spl
     ("fp8-static-kv", 1.03),
     ("int8-w8a8-static", 1.02),
     ("int8-w8a16", 1.005),
-    ("int4-w4a16", 1.08),  # group 64, round-to-nearest INT4 with MSE clipping (no GPTQ): measured 1.0735
+    # group 64, round-to-nearest INT4, clip minimising |error|^3 (no GPTQ): measured 1.0814 (the squared
+    # error's 1.0735 here costs SmolLM2 1.470 against 1.383: README, INT4 clip; min-max 1.12)
+    ("int4-w4a16", 1.09),
 ])
 def test_heldout_perplexity_through_compressed_tensors(checkpoints, tinystories_split, tokenizer, fp32_ppl,
                                                        recipe, bound):

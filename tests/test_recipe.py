@@ -397,9 +397,10 @@ MSE = "input_activations: {{type: int, strategy: tensor, observer: mse, observer
     (PCT, "bins: '2048'", "observer_kwargs.bins: '2048' must be a power of two from 16 to 65536"),
     (PCT, "bins: 2048.0", "observer_kwargs.bins: 2048.0 must be a power of two from 16 to 65536"),
     (MSE, "bins: true", "observer_kwargs.bins: True must be a power of two from 16 to 65536"),
-    (MSE, "norm: 3", "observer_kwargs.norm: 3 is not supported: the mse observer minimises the squared error "
-                     "(norm 2)"),
-    (MSE, "norm: L2", "observer_kwargs.norm: 'L2' is not supported"),
+    (MSE, "norm: 3", "observer_kwargs.norm: 3 is not supported for activations: their mse observer minimises "
+                     "the squared error over a histogram (norm 2)"),
+    (MSE, "norm: L2", "observer_kwargs.norm: 'L2' must be a number from 1 to 8"),
+    (MSE, "norm: 0.5", "observer_kwargs.norm: 0.5 must be a number from 1 to 8"),
     (MSE, "grid: 0", "observer_kwargs.grid: 0 must be a whole number from 2 to 1000"),
     (MSE, "grid: 100000", "observer_kwargs.grid: 100000 must be a whole number from 2 to 1000"),
     (MSE, "grid: 2.5", "observer_kwargs.grid: 2.5 must be a whole number from 2 to 1000"),
@@ -424,6 +425,34 @@ def test_observer_kwargs_in_range_are_accepted_and_build_observers(tmp_path):
         acts = recipe.input_activations
         observer = make_observer(acts.observer, acts.observer_kwargs)
         assert observer.bins == acts.observer_kwargs.get("bins", 2048)
+
+
+def test_weight_clip_search_norm_and_grid_reach_the_search(tmp_path):
+    """weights.observer_kwargs {norm, grid} drive the MSE clip search: each group's clip is the
+    candidate with the least sum |error|^norm (brute force over the same candidates)."""
+    import torch
+
+    from calib import qmath
+    from calib.quantize import weight_amax
+
+    recipe = load_recipe(write_recipe(tmp_path, "weights: {num_bits: 4, type: int, strategy: group, group_size: 8, "
+                                      "observer: mse, observer_kwargs: {norm: 3, grid: 25}}\n"))
+    assert recipe.weights.observer_kwargs == {"norm": 3, "grid": 25}
+    torch.manual_seed(0)
+    w = torch.randn(6, 16) * torch.tensor([1.0] * 15 + [6.0])  # one outlier column
+    got = weight_amax(w, recipe.weights).reshape(-1)
+    rows = w.reshape(-1, 8)
+    amax = rows.abs().amax(dim=1)
+    for r, (row, top, clip) in enumerate(zip(rows, amax, got)):
+        errors = []
+        for p in torch.linspace(0.5, 1.0, 25):
+            scale = qmath.symmetric_scale(top * p, 7.0)
+            q = qmath.quantize_int(row, scale, qmin=-8, qmax=7)
+            errors.append((float(((q.float() * scale - row).abs() ** 3).sum()), float(top * p)))
+        assert float(clip) == pytest.approx(min(errors)[1], rel=1e-6), r
+    squared = weight_amax(w, recipe.weights.model_copy(update={"observer_kwargs": {"norm": 2, "grid": 25}}))
+    eighth = weight_amax(w, recipe.weights.model_copy(update={"observer_kwargs": {"norm": 8, "grid": 25}}))
+    assert not torch.equal(eighth, squared)  # the norm changes the choice
 
 
 # --- recipe text: encoding, size, alias bombs -----------------------------------
