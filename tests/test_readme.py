@@ -4,6 +4,8 @@ Hub ids in the README are replaced by the shared tiny Llama and `my_calib.jsonl`
 written from TinyStories text; everything else runs as written:
 - ```python blocks are executed (in a fresh working directory);
 - ```bash lines that start with `calib` or `.venv/bin/calib` run through the CLI and must exit 0;
+  `torchrun ... -m calib ...` lines must parse (torchrun's half and calib's; test_distributed.py
+  launches torchrun for real);
   the Quick start's setup commands are the ones `.ci/run` and the end-to-end test run, and
   server commands (`vllm serve`, SGLang) are checked by `scripts/` benchmarks, not here;
 - ```yaml blocks are recipes and must validate;
@@ -77,6 +79,12 @@ def test_bash_block_runs(index, workdir, capsys):
         if line.startswith("bash scripts/setup.sh") or line.startswith(SERVERS):
             continue
         argv = shlex.split(_substitute(line))
+        if argv[0] == "torchrun":  # launched for real in test_distributed.py; here both halves must parse
+            at = argv.index("-m")
+            assert argv[at + 1] == "calib", line
+            _torchrun_parser().parse_args(argv[1:at] + ["train.py"])
+            _parser().parse_args(argv[at + 2:])
+            continue
         assert argv[0] in ("calib", ".venv/bin/calib"), f"README command not covered by this test: {line}"
         assert main(argv[1:] + ["--no-progress"] * (argv[1:2] == ["run"])) == 0, (line, capsys.readouterr().err)
 
@@ -108,10 +116,17 @@ def test_console_block_prints_what_it_shows(index, workdir):
             assert line.strip() in printed, (command, line, printed)
 
 
+def _torchrun_parser():
+    from torch.distributed.run import get_args_parser
+
+    return get_args_parser()
+
+
 def test_every_flag_shown_exists():
     parser = _parser()
     commands = list(parser._subparsers._group_actions[0].choices.values())
-    known = {opt for p in (parser, *commands) for action in p._actions for opt in action.option_strings}
+    known = {opt for p in (parser, *commands, _torchrun_parser()) for action in p._actions
+             for opt in action.option_strings}
     shown = {flag for _, block in BLOCKS for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]+", block)}
     shown -= {"--test", "--kv-cache-dtype", "--model-path", "--index-url"}  # setup.sh's, vLLM's, SGLang's, pip's
     assert shown <= known, sorted(shown - known)
