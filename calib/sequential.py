@@ -806,37 +806,44 @@ class _StopWhenAllRead:
     every module of ``groups`` has read its input in this batch: GPTQ's Hessian
     pass needs the inputs only, so the rest of the layer (``down_proj``'s product,
     the residual) is not computed. Registered after :func:`observe`'s hooks, so the
-    last module is observed before the stop. A module that is not called in a
-    batch (an expert no token was routed to) lets the forward run to its end."""
+    last module is observed before the stop.
+
+    The first batch runs to its end and counts each module's calls; the stop is
+    armed only if every module was called exactly once. A module read twice in a
+    forward (its second read would be lost) or not at all (an expert no token was
+    routed to) leaves every batch running to its end."""
 
     def __init__(self, model: nn.Module, groups: list[InputGroup]) -> None:
         self.names = {n for g in groups for n in g.names}
-        self.seen: set[str] = set()
-        self.armed = True
+        self.calls: dict[str, int] = {}
+        self.armed: bool | None = None  # None: not decided until the first batch has run
         self.handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in self.names]
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            self.seen.add(name)
-            if self.armed and len(self.seen) == len(self.names):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if self.armed and len(self.calls) == len(self.names):
                 raise _Stop
         return hook
 
-    def next_batch(self, armed: bool) -> None:
-        self.seen, self.armed = set(), armed
+    def next_batch(self) -> None:
+        """Start a batch; after the first, decide from its calls whether to stop early."""
+        if self.armed is None and self.calls:
+            self.armed = all(self.calls.get(n) == 1 for n in self.names)
+        self.calls = {}
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
 
 
-def _hessian_pass(walk: _Walk, index: int, stream: _Stream, groups: list[InputGroup],
-                  first_output: bool = False) -> torch.Tensor | None:
+def _hessian_pass(walk: _Walk, index: int, stream: _Stream, groups: list[InputGroup]) -> torch.Tensor:
     """GPTQ's first pass: every batch of ``stream`` through layer ``index`` with only
     ``groups`` observing (Hessians, SmoothQuant's ranges). The inputs stay in the
-    store for the observing pass; each forward stops once every group has read its
-    input. ``first_output``: batch 0 runs to the end and its output is returned
-    (float32): the layer's function before SmoothQuant, for the check after it."""
+    store for the observing pass; after the first batch, each forward stops once
+    every group has read its input (:class:`_StopWhenAllRead`). Returns batch 0's
+    output (float32, it runs to the end): the layer's function before SmoothQuant,
+    for the check after it."""
     layout, config = walk.layout, getattr(walk.model, "config", None)
     layer = layout.layers[index]
     first = None
@@ -845,14 +852,14 @@ def _hessian_pass(walk: _Walk, index: int, stream: _Stream, groups: list[InputGr
         try:
             for batch, hidden in stream.store.take_all(keep=True):
                 session.set_mask(walk.batches[batch]["attention_mask"])
-                stop.next_batch(armed=not (first_output and batch == 0))
+                stop.next_batch()
                 args, kwargs = stream.calls[batch][index].bind(hidden, lambda: observing_cache(session, config))
                 try:
                     out = layer(*args, **kwargs)
                 except _Stop:
                     continue
                 result = _layer_output(walk, index, out, hidden)
-                if first_output and batch == 0:
+                if first is None:
                     first = result.detach().float()
                 del out, result
         finally:
@@ -876,7 +883,7 @@ def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result
     if not hessians:
         yield
         return
-    before = _hessian_pass(walk, index, stream, hessians + [group for _, group in pairs], first_output=bool(pairs))
+    before = _hessian_pass(walk, index, stream, hessians + [group for _, group in pairs])
     distributed.reduce_states(distributed.current(), [g.observer for g in hessians] + [g.observer for _, g in pairs])
     model, args, gptq = walk.model, recipe.weights, recipe.gptq
     probe = stream.store.peek(0) if pairs else None

@@ -129,9 +129,11 @@ def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_inverse():
 
 
 def test_hessian_pass_stops_once_every_input_is_read():
-    """GPTQ's first pass needs inputs only: a Llama layer's forward ends at
-    down_proj's pre-hook (after its input is observed), so down_proj never runs;
-    disarmed, the same forward runs to the end."""
+    """GPTQ's first pass needs inputs only: once the first batch (run to its end)
+    has shown every target read exactly once, a Llama layer's forward ends at
+    down_proj's pre-hook (after its input is observed), so down_proj never runs.
+    A module read twice in the first batch leaves every forward running to the
+    end, so no second read is ever lost."""
     import transformers
 
     from calib.hooks import InputGroup, observe
@@ -142,21 +144,30 @@ def test_hessian_pass_stops_once_every_input_is_read():
     model = transformers.LlamaForCausalLM(config).eval()
     names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
              "mlp.up_proj", "mlp.down_proj"]
-    groups = [InputGroup(names=[f"model.layers.0.{n}"], observer=HessianObserver()) for n in names]
-    ran = []
-    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *a: ran.append("down_proj"))
     ids = torch.randint(0, 100, (2, 16))
-    with torch.inference_mode(), observe(model, groups) as session:
-        stop = _StopWhenAllRead(model, groups)
-        session.set_mask(None)
-        with pytest.raises(_Stop):
-            model(input_ids=ids)
-        assert ran == [] and all(g.observer.count == 32 for g in groups)  # down_proj's input was observed
-        stop.next_batch(armed=False)
-        session.set_mask(None)
-        model(input_ids=ids)
-        stop.remove()
-    assert ran == ["down_proj"] and all(g.observer.count == 64 for g in groups)
+    for reads_in_first_batch in (1, 2):
+        groups = [InputGroup(names=[f"model.layers.0.{n}"], observer=HessianObserver()) for n in names]
+        ran = []
+        handle = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *a: ran.append("down_proj"))
+        with torch.inference_mode(), observe(model, groups) as session:
+            stop = _StopWhenAllRead(model, groups)
+            stop.next_batch()
+            for _ in range(reads_in_first_batch):  # the first batch runs to its end
+                session.set_mask(None)
+                model(input_ids=ids)
+            assert ran == ["down_proj"] * reads_in_first_batch
+            stop.next_batch()
+            session.set_mask(None)
+            if reads_in_first_batch == 1:
+                with pytest.raises(_Stop):
+                    model(input_ids=ids)
+                assert ran == ["down_proj"]  # not run again, but its input was observed:
+                assert all(g.observer.count == 64 for g in groups)
+            else:
+                model(input_ids=ids)  # disarmed: runs to the end
+                assert ran == ["down_proj"] * 3 and all(g.observer.count == 96 for g in groups)
+            stop.remove()
+        handle.remove()
 
 
 def test_recipe_gptq_fields_are_checked():
