@@ -221,7 +221,7 @@ def test_gptq_recipes_end_to_end(tinystories_split, tmp_path):
 
 
 def test_fp8_grid_rounding_is_the_cast_bit_for_bit():
-    from calib.algorithms.gptq import round_to_fp8_grid
+    from calib.algorithms.gptq import _to_grid
 
     torch.manual_seed(3)
     every = torch.arange(256, dtype=torch.uint8).view(qmath.FP8_DTYPE).to(torch.float32)
@@ -230,7 +230,7 @@ def test_fp8_grid_rounding_is_the_cast_bit_for_bit():
     values = torch.cat([torch.randn(20000) * 10 ** torch.empty(20000).uniform_(-4, 3), every, midpoints,
                         torch.tensor([500.0, -1e6, 1e-12, 0.0])])
     want = values.clamp(-448, 448).to(qmath.FP8_DTYPE).to(torch.float32)
-    assert torch.equal(round_to_fp8_grid(values), want)
+    assert torch.equal(_to_grid(values.clone(), True, 127.0), want)
 
 
 def test_each_layers_output_error_is_the_hand_computed_one(tinystories_split):

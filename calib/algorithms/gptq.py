@@ -114,26 +114,9 @@ def _round(w: torch.Tensor, s: torch.Tensor, is_fp8: bool, qmax: float) -> torch
     return torch.round(w / s).clamp_(-qmax - 1, qmax).to(torch.int8)
 
 
-def round_to_fp8_grid(v: torch.Tensor) -> torch.Tensor:
-    """``v.clamp(-448, 448)`` rounded to the nearest FP8 E4M3 value (ties to even),
-    in float32: the values of ``v.to(float8_e4m3fn)``, bit for bit, without the
-    cast (slow on the CPU for GPTQ's column-at-a-time work). E4M3 keeps 3
-    mantissa bits: the step is ``2^(exponent - 3)``, and ``2^-9`` for subnormals."""
-    v = v.clamp(-qmath.FP8_MAX, qmath.FP8_MAX)
-    _, exponent = torch.frexp(v)  # |v| in [2^(e-1), 2^e)
-    step = torch.ldexp(torch.ones_like(v), (exponent - 4).clamp_(min=-9))
-    return torch.round(v / step) * step
-
-
-def _grid(v: torch.Tensor, is_fp8: bool, qmax: float) -> torch.Tensor:
-    """``v`` (already divided by its scale) on the stored grid, in float32."""
-    if is_fp8:
-        return round_to_fp8_grid(v)
-    return torch.round(v).clamp_(-qmax - 1, qmax)
-
-
 def _to_grid(v: torch.Tensor, is_fp8: bool, qmax: float) -> torch.Tensor:
-    """:func:`_grid` in place (GPTQ's column loop): ``v`` onto the stored grid."""
+    """``v`` (already divided by its scale) onto the stored grid, in place, in
+    float32: the values the cast to the stored dtype gives (GPTQ's column loop)."""
     if is_fp8:
         return v.copy_(v.clamp_(-qmath.FP8_MAX, qmath.FP8_MAX).to(qmath.FP8_DTYPE))
     return v.round_().clamp_(-qmax - 1, qmax)
