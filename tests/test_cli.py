@@ -217,6 +217,13 @@ def _leftovers(folder):
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".o"))
 
 
+def _interruptible() -> None:
+    """A child's Ctrl-C as a terminal delivers it: a shell that starts a job in the
+    background without job control makes it ignore SIGINT, and Python then never
+    raises KeyboardInterrupt (the run finishes and exits 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_and_sigterm_mid_calibration_exit_cleanly(sig, code, tmp_path):
     """Signalled while calibrating: 130/143, one line, no traceback, nothing left behind."""
@@ -226,7 +233,7 @@ def test_ctrl_c_and_sigterm_mid_calibration_exit_cleanly(sig, code, tmp_path):
             [sys.executable, "-m", "calib", "run", "--model", str(TINYSTORIES), "--dataset", str(TINYSTORIES_TEXT),
              "--num-samples", "1300", "--seq-len", "256", "--batch-size", "1", "--output", str(tmp_path / "o"),
              "--no-progress"], stderr=stderr, stdout=subprocess.DEVNULL, cwd=tmp_path,
-            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            env=dict(os.environ, HF_HUB_OFFLINE="1"), preexec_fn=_interruptible)
         deadline = time.monotonic() + 300
         while "calibrating:" not in err.read_text() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # logged once the model is loaded and the batches are built
@@ -278,7 +285,7 @@ def test_ctrl_c_while_writing_the_checkpoint_exits_130_without_traceback(how, tm
         f" '--output', 'o', '--max-shard-size', '10KB'{flag}]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300, preexec_fn=_interruptible)
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr and "interrupted; nothing was written" in proc.stderr
     assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
