@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -28,25 +28,56 @@ def cache_argument(model) -> str:
 
 
 @torch.inference_mode()
-def window_nll(model, windows: torch.Tensor, batch_size: int = 8, new_cache: Callable | None = None,
-               progress=None) -> tuple[float, int]:
-    """(summed next-token NLL, predicted tokens) over ``windows``. ``new_cache``: a
-    factory of a fresh KV cache per forward (the served KV-cache quantization)."""
+def window_logprobs(model, windows: torch.Tensor, batch_size: int = 8, new_cache: Callable | None = None,
+                    progress=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch of ``windows``: (the batch, float32 next-token log-probabilities
+    ``[b, seq - 1, vocab]``). ``new_cache``: a factory of a fresh KV cache per
+    forward (the served KV-cache quantization)."""
     device = next(model.parameters()).device
     key = cache_argument(model) if new_cache is not None else None
-    nll, count = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(device)
         cache = new_cache() if new_cache is not None else None
         kwargs = {key: cache, "use_cache": True} if cache is not None else {"use_cache": False}
-        logits = model(input_ids=batch, **kwargs).logits.float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        nll += float(loss)
-        count += batch[:, 1:].numel()
+        logits = model(input_ids=batch, **kwargs).logits[:, :-1].float()
+        yield batch, torch.log_softmax(logits, dim=-1)
         if progress is not None:
             progress.update(batch.shape[0])
+
+
+def window_nll(model, windows: torch.Tensor, batch_size: int = 8, new_cache: Callable | None = None,
+               progress=None) -> tuple[float, int]:
+    """(summed next-token NLL, predicted tokens) over ``windows``."""
+    nll, count = 0.0, 0
+    for batch, logp in window_logprobs(model, windows, batch_size, new_cache, progress):
+        nll -= float(logp.gather(-1, batch[:, 1:, None]).sum())
+        count += batch[:, 1:].numel()
     return nll, count
+
+
+KL_TOP_K = 256  # reference tokens kept per position (the rest is one "tail" outcome)
+
+
+def top_k_reference(logp: torch.Tensor, k: int = KL_TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely next tokens per position: (log-probs float32, ids int32)."""
+    values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return values, ids.to(torch.int32)
+
+
+def kl_from_top_k(ref_logp: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Per position, ``KL(P || Q)`` over the reference's top-k tokens plus one
+    outcome for everything else (P's and Q's remaining mass). This is the exact KL
+    of the two distributions coarsened to k + 1 outcomes, so it never exceeds the
+    full-vocabulary KL and is 0 only where they agree on those outcomes; with
+    k = 256 it keeps all but a sliver of a language model's mass."""
+    q_top = logq.gather(-1, ref_ids.long())
+    p_top = ref_logp.exp()
+    head = (p_top * (ref_logp - q_top)).sum(-1)
+    p_tail = (1.0 - p_top.sum(-1)).clamp_min(0.0)
+    q_tail = (1.0 - q_top.exp().sum(-1)).clamp_min(1e-12)
+    # a tail below float32's rounding of a sum of probabilities is no mass (k covered the vocabulary)
+    tail = torch.where(p_tail > 1e-6, p_tail * (p_tail.clamp_min(1e-12).log() - q_tail.log()), torch.zeros_like(p_tail))
+    return (head + tail).clamp_min(0.0)
 
 
 def perplexity(model, tokenizer, text: str, seq_len: int = 128, batch_size: int = 8,

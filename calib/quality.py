@@ -218,12 +218,32 @@ def _paragraphs(tokenizer, text: str, max_tokens: int | None) -> list[str]:
 
 
 def _perplexity_measure(windows: torch.Tensor, batch_size: int, progress: bool):
-    from calib.evaluate import window_nll
+    """PPL of each model; for a quantized one also its mean per-token KL divergence
+    from the original's next-token distribution (over the original's top
+    :data:`calib.evaluate.KL_TOP_K` tokens plus the rest as one outcome) and how
+    often its most likely next token is the original's. PPL can improve by chance
+    (noise that happens to suit the text); KL cannot: it is 0 only for the original."""
+    from calib.evaluate import kl_from_top_k, top_k_reference, window_logprobs
 
     def measure(model, new_cache, label, reference=None):
+        nll, count, kl, same_top1 = 0.0, 0, 0.0, 0
+        tops = [] if reference is None else None
         with tqdm(total=windows.shape[0], desc=f"eval {label}", unit="window", disable=not progress) as bar:
-            nll, count = window_nll(model, windows, batch_size, new_cache, bar)
-        return {"value": math.exp(nll / count), "nll_per_token": nll / count}
+            for i, (batch, logp) in enumerate(window_logprobs(model, windows, batch_size, new_cache, bar)):
+                nll -= float(logp.gather(-1, batch[:, 1:, None]).sum())
+                count += batch[:, 1:].numel()
+                if tops is not None:
+                    tops.append(top_k_reference(logp))
+                else:
+                    ref_logp, ref_ids = reference["top_k"][i]
+                    kl += float(kl_from_top_k(ref_logp, ref_ids, logp).sum())
+                    same_top1 += int((logp.argmax(-1) == ref_ids[..., 0]).sum())
+        row = {"value": math.exp(nll / count), "nll_per_token": nll / count}
+        if tops is not None:
+            row["top_k"] = tops
+        else:
+            row.update(kl_per_token=kl / count, top1_agreement=same_top1 / count)
+        return row
 
     return measure
 
@@ -248,12 +268,15 @@ def format_table(result: dict) -> str:
     if result["metric"] == "perplexity":
         lines.append(f"  {result['windows']} windows x {result['seq_len']} tokens ({result['tokens']:,} tokens), "
                      f"{result['dtype']}")
-        lines.append(f"  {'model':<24} {'perplexity':>11} {'÷ original':>11} {'time':>8}")
-        lines.append(f"  {'original':<24} {result['original_value']:>11.4f} {1.0:>11.4f} "
+        lines.append(f"  {'model':<24} {'perplexity':>11} {'÷ original':>11} {'KL/token':>9} {'top-1 same':>10} "
+                     f"{'time':>8}")
+        lines.append(f"  {'original':<24} {result['original_value']:>11.4f} {1.0:>11.4f} {0.0:>9.5f} {1.0:>10.2%} "
                      f"{result['original_time_s']:>7.1f}s")
         for backend, row in result["backends"].items():
-            lines.append(f"  {'quantized (' + backend + ')':<24} {row['value']:>11.4f} {row['ratio']:>11.4f} "
-                         f"{row['time_s']:>7.1f}s")
+            kl = f"{row['kl_per_token']:>9.5f}" if "kl_per_token" in row else f"{'-':>9}"
+            top1 = f"{row['top1_agreement']:>10.2%}" if "top1_agreement" in row else f"{'-':>10}"
+            lines.append(f"  {'quantized (' + backend + ')':<24} {row['value']:>11.4f} {row['ratio']:>11.4f} {kl} "
+                         f"{top1} {row['time_s']:>7.1f}s")
     else:
         lines.append(f"  {result['sentences']} paragraphs, cosine of mean-pooled embeddings to the original's")
         lines.append(f"  {'model':<24} {'mean cos':>9} {'min cos':>9} {'time':>8}")

@@ -569,7 +569,7 @@ def quantized_module_tensors(
     input_amax = activation_amax(plan, input_observers or {}, a_args, result) if static_inputs else {}
 
     shared_weight_amax: dict[str, torch.Tensor] = {}
-    if w_args.is_fp8 and w_args.strategy == "tensor":
+    if shares_fused_scale(w_args):
         for group in plan.fused:
             top = torch.stack([finite_amax(n, plan.targets[n].weight.detach(), "tensor") for n in group]).max()
             shared_weight_amax.update({n: top.reshape(1) for n in group})
@@ -627,6 +627,12 @@ def solved_weight(weight: torch.Tensor, args: QuantArgs, solved) -> QuantizedWei
     full = qmath.expand_scale(scale.to(torch.float32), weight.shape, args.strategy, args.group_size)
     sqnr = qmath.sqnr_db(weight.to(torch.float32), _as_float32(q) * full)
     return QuantizedWeight(q, scale, sqnr, weight.shape[0])
+
+
+def shares_fused_scale(args: QuantArgs) -> bool:
+    """Whether fused siblings (q/k/v, gate/up) get one weight scale, the group's
+    largest: FP8 per-tensor weights unless the recipe asks for one per shard."""
+    return args.is_fp8 and args.strategy == "tensor" and args.fused_scale == "shared"
 
 
 def weight_scale(weight: torch.Tensor, args: QuantArgs, name: str, shared_weight_amax: dict) -> tuple:

@@ -102,6 +102,10 @@ class QuantArgs(BaseModel):
     dynamic: bool = False
     observer: Literal["minmax", "percentile", "mse"] = "minmax"
     observer_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # calib's own (not written to config.json): FP8 per-tensor weights of fused siblings
+    # (q/k/v, gate/up) get one scale, the group's largest ("shared"), or each its own ("per_shard";
+    # vLLM then re-quantizes every shard to the largest at load). README: "FP8 weight scales".
+    fused_scale: Literal["shared", "per_shard"] = "shared"
 
     @field_validator("group_size")
     @classmethod
@@ -234,7 +238,14 @@ class Recipe(BaseModel):
             raise ValueError("weights.strategy: token is for activations; use tensor, channel or group")
         if w.observer not in OBSERVERS_FOR_WEIGHTS:
             raise ValueError(f"weights.observer: {w.observer} is not one of {', '.join(OBSERVERS_FOR_WEIGHTS)}")
+        if "fused_scale" in w.model_fields_set and not (w.is_fp8 and w.strategy == "tensor"):
+            raise ValueError(f"weights.fused_scale: only FP8 per-tensor weights choose between one scale per fused "
+                             f"group and one per shard (these are {w.type}{w.num_bits} per {w.strategy}: each "
+                             "projection keeps its own scales); remove it")
         for role, args in (("input_activations", a), ("kv_cache", kv)):
+            if args is not None and "fused_scale" in args.model_fields_set:
+                raise ValueError(f"{role}.fused_scale: a weights field; fused siblings always share one input "
+                                 "scale (they read the same tensor)")
             norm = args.observer_kwargs.get("norm", 2.0) if args is not None else 2.0
             if float(norm) != 2.0:
                 raise ValueError(f"{role}.observer_kwargs.norm: {short_repr(norm)} is not supported for "

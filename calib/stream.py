@@ -47,7 +47,8 @@ from calib import qmath
 from calib.checkpoint import NameMap, SafetensorsSource, TensorSource, name_map_for
 from calib.errors import CalibInputError
 from calib.observers import Observer
-from calib.quantize import Plan, QuantizeResult, _quantize_layer, activation_amax, finite_amax, plan_for
+from calib.quantize import (Plan, QuantizeResult, _quantize_layer, activation_amax, finite_amax, plan_for,
+                            shares_fused_scale)
 from calib.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ class CheckpointQuantizer:
         w_args, a_args = self.recipe.weights, self.recipe.input_activations
         if a_args is not None and not a_args.dynamic:
             self.input_amax = activation_amax(self.plan, self.input_observers, a_args, result)
-        if w_args.is_fp8 and w_args.strategy == "tensor" and self.plan.fused:
+        if shares_fused_scale(w_args) and self.plan.fused:
             by_target = {item.target: item for item in self.items if item.kind == "quantize"}
             for group in self.plan.fused:
                 amaxes = []

@@ -132,6 +132,42 @@ def test_fp8_per_tensor_weight_scales_are_shared_by_fused_shards(checkpoints):
         assert torch.equal(mlp[0], mlp[1])
 
 
+def test_fp8_per_shard_weight_scales_on_request(checkpoints, tinystories_split, tmp_path, fp32_ppl, tokenizer):
+    """weights.fused_scale: per_shard gives every shard its own max / 448 (llm-compressor's layout,
+    re-quantized to the largest by vLLM at load); the inputs still share one scale; transformers +
+    compressed-tensors reads it."""
+    recipe = tmp_path / "fp8-static-per-shard.yaml"
+    data = yaml.safe_load((calib.bundled_recipes()["fp8-static"]).read_text())
+    data["name"] = "fp8-static-per-shard"
+    data["weights"]["fused_scale"] = "per_shard"
+    recipe.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    calib.run(model=str(TINYSTORIES), recipe=str(recipe), dataset=str(tinystories_split[0]), output=out,
+              num_samples=SAMPLES, seq_len=SEQ, batch_size=16, progress=False)
+    tensors = tensors_of(out)
+    shared = tensors_of(checkpoints["fp8-static"][0])
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES))
+    for i in range(4):
+        layer = base.model.layers[i]
+        for parent, module, names in (("self_attn", layer.self_attn, ("q_proj", "k_proj", "v_proj")),
+                                      ("mlp", layer.mlp, ("gate_proj", "up_proj"))):
+            scales = []
+            for p in names:
+                key = f"model.layers.{i}.{parent}.{p}"
+                own = float(getattr(module, p).weight.detach().abs().max()) / 448
+                assert float(tensors[f"{key}.weight_scale"]) == pytest.approx(own, rel=1e-6), key
+                scales.append(float(tensors[f"{key}.weight_scale"]))
+                assert torch.equal(tensors[f"{key}.input_scale"], shared[f"{key}.input_scale"])  # inputs: as before
+            assert max(scales) == pytest.approx(float(shared[f"model.layers.{i}.{parent}.{names[0]}.weight_scale"]),
+                                                rel=1e-6)
+        assert len({float(tensors[f"model.layers.{i}.self_attn.{p}.weight_scale"]) for p in ("q_proj", "k_proj",
+                                                                                             "v_proj")}) > 1
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "fused_scale" not in json.dumps(config)
+    ppl = perplexity(ct_load(out), tokenizer, tinystories_split[1])
+    assert ppl / fp32_ppl < 1.02
+
+
 def test_input_scales_equal_observed_activation_max(checkpoints, tinystories_split, tokenizer):
     """input_scale = max |input| over the real (unpadded) calibration tokens / 448."""
     model = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES)).eval()

@@ -21,7 +21,7 @@ from calib.emulate import (
     load_served,
     requantize_to_max_scale,
 )
-from calib.evaluate import token_windows, window_nll
+from calib.evaluate import kl_from_top_k, top_k_reference, token_windows, window_nll
 from calib.recipe import QuantArgs
 from conftest import TINYSTORIES
 
@@ -153,6 +153,28 @@ def test_calib_eval_command_side_by_side(checkpoints, tinystories_split, tmp_pat
     served, weights = result["backends"]["calib"], result["backends"]["weights"]
     # quantizing activations and the KV cache costs more than the weights alone; both are small
     assert 1.0 < weights["ratio"] < served["ratio"] < 1.05
+    # and moves the next-token distribution further from the original's (KL > 0 for any change)
+    assert 0.0 < weights["kl_per_token"] < served["kl_per_token"] < 0.05
+    assert 0.9 < served["top1_agreement"] <= weights["top1_agreement"] < 1.0
+    assert "KL/token" in table and "top-1 same" in table
+
+
+def test_kl_over_the_top_k_plus_tail_is_the_coarsened_kl():
+    torch.manual_seed(0)
+    p = torch.log_softmax(torch.randn(3, 5, 40) * 2, dim=-1)
+    q = torch.log_softmax(p + 0.3 * torch.randn(3, 5, 40), dim=-1)
+    full = (p.exp() * (p - q)).sum(-1)
+    values, ids = top_k_reference(p, k=40)  # every token kept: the full KL
+    assert torch.allclose(kl_from_top_k(values, ids, q), full, atol=1e-6)
+    values, ids = top_k_reference(p, k=8)
+    coarse = kl_from_top_k(values, ids, q)
+    # by hand: 8 outcomes + one for the rest
+    pt, qt = values.exp(), q.gather(-1, ids.long()).exp()
+    pr, qr = 1 - pt.sum(-1), 1 - qt.sum(-1)
+    expected = (pt * (pt.log() - qt.log())).sum(-1) + pr * (pr.log() - qr.log())
+    assert torch.allclose(coarse, expected, atol=1e-6)
+    assert bool((coarse <= full + 1e-6).all()) and bool((coarse > 0).all())
+    assert torch.equal(kl_from_top_k(values, ids, p), torch.zeros_like(coarse))  # the same model: 0
 
 
 def test_eval_refuses_a_checkpoint_of_another_model(checkpoints, tmp_path, capsys):

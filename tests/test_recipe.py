@@ -455,6 +455,34 @@ def test_weight_clip_search_norm_and_grid_reach_the_search(tmp_path):
     assert not torch.equal(eighth, squared)  # the norm changes the choice
 
 
+# --- fused_scale: FP8 per-tensor weights only ------------------------------------
+
+@pytest.mark.parametrize("weights, activations, expected", [
+    ("{type: int, strategy: channel, fused_scale: per_shard}", "",
+     "weights.fused_scale: only FP8 per-tensor weights choose between one scale per fused group and one per "
+     "shard (these are int8 per channel"),
+    ("{type: float, strategy: channel, fused_scale: shared}", "",
+     "weights.fused_scale: only FP8 per-tensor weights choose"),
+    ("{type: float, strategy: tensor}", "input_activations: {type: float, strategy: tensor, fused_scale: per_shard}",
+     "input_activations.fused_scale: a weights field"),
+    ("{type: float, strategy: tensor, fused_scale: largest}", "", "weights.fused_scale"),
+])
+def test_fused_scale_misuse_names_the_field(tmp_path, weights, activations, expected):
+    path = write_recipe(tmp_path, f"weights: {weights}\n{activations}\n")
+    message = recipe_error(path)
+    assert str(path) in message
+    assert expected in message
+
+
+def test_fused_scale_defaults_to_shared_and_stays_out_of_config_json(tmp_path):
+    from calib.quantize import shares_fused_scale
+
+    assert load_recipe("fp8-static").weights.fused_scale == "shared"
+    recipe = load_recipe(write_recipe(tmp_path, "weights: {type: float, strategy: tensor, fused_scale: per_shard}\n"))
+    assert not shares_fused_scale(recipe.weights) and shares_fused_scale(load_recipe("fp8-static").weights)
+    assert "fused_scale" not in recipe.weights.to_compressed_tensors()
+
+
 # --- recipe text: encoding, size, alias bombs -----------------------------------
 
 def test_non_utf8_recipe_file_is_named(tmp_path):
