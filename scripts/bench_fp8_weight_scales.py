@@ -141,6 +141,29 @@ def choose(model, how: str, power: dict | None) -> dict[str, torch.Tensor]:
     return out
 
 
+def double_rounding_stats(model) -> str:
+    """What vLLM's re-quantization does to the shards whose own scale is not the group's largest:
+    the fraction of their weights that differ from one rounding with the largest scale, and the
+    squared error of each (relative to sum w^2)."""
+    mods, total, differ, single, double, power = targets(model), 0, 0, 0.0, 0.0, 0.0
+    for group in groups(mods):
+        ws = [mods[n].weight.detach().float() for n in group]
+        amaxes = [w.abs().max() for w in ws]
+        top = torch.stack(amaxes).max()
+        for w, a in zip(ws, amaxes):
+            if len(group) < 2 or a == top:
+                continue
+            once, twice = fake_fp8(w, top / FP8), fake_fp8(fake_fp8(w, a / FP8), top / FP8)
+            total += w.numel()
+            differ += int((once != twice).sum())
+            single += float((once - w).pow(2).sum())
+            double += float((twice - w).pow(2).sum())
+            power += float(w.pow(2).sum())
+    return (f"shards below their group's largest scale: {total} weights, {differ / total:.1%} differ between one "
+            f"rounding with the largest scale and two (own, then largest); squared error / sum w^2: one "
+            f"{single / power:.3e}, two {double / power:.3e}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["smollm2", "tinystories"], default="smollm2")
@@ -196,6 +219,7 @@ def main() -> int:
         nll, tokens = window_nll(model, calib_windows)
         return math.exp(nll / tokens)
 
+    print(double_rounding_stats(model), flush=True)
     base = score()
     calib_base = calib_score() if calib_windows is not None else None
     multiples = (args.scales or "0.98,0.99,1.01,1.02,1.04").split(",")

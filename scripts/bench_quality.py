@@ -18,7 +18,9 @@ named ``<model>-<recipe>`` (e.g. ``smollm2-135m-fp8-static``).
         --dataset ../shared/data/tinystories/tinystories_val.txt --seq-len 128 --eval-seq-len 128
     python scripts/bench_quality.py --recipe fp8-static --recipe fp8-static-gptq --json quality.json
 
-Columns: PPL ÷ the original's, per backend; calibrate_s (calib's calibration
+Columns: PPL ÷ the original's, per backend (encoders: embedding cosine); the
+mean per-token KL divergence from the original's next-token distribution per
+backend (causal LMs); calibrate_s (calib's calibration
 stage: forwards, observers, SmoothQuant, GPTQ) and total_s.
 """
 
@@ -78,20 +80,22 @@ def _evaluated(model, folder: Path, recipe: str, tool: str, args, evaluate) -> d
     for backend in BACKENDS:  # PPL ÷ the original's; for encoders the mean embedding cosine
         entry = result["backends"][backend]
         row[backend] = entry["ratio"] if result["metric"] == "perplexity" else entry["value"]
+        row[f"{backend}_kl"] = entry.get("kl_per_token")  # KL(original || quantized) per token, causal LMs
     return row
 
 
 def _row(r: dict) -> str:
-    def cell(v):
-        return f"{v:.4f}" if isinstance(v, float) else "–"
+    def cell(v, digits=4):
+        return f"{v:.{digits}f}" if isinstance(v, float) else "–"
 
     return (f"| {r['model']} | {r['recipe']} | {r['tool']} | {cell(r['calib'])} | {cell(r['weights'])} | "
-            f"{cell(r['transformers'])} | {r.get('calibrate_s', '–')} | {r.get('total_s', '–')} |")
+            f"{cell(r['transformers'])} | {cell(r.get('calib_kl'), 5)} | {cell(r.get('weights_kl'), 5)} | "
+            f"{cell(r.get('transformers_kl'), 5)} | {r.get('calibrate_s', '–')} | {r.get('total_s', '–')} |")
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | recipe | tool | served (÷ original) | weights only | transformers + CT | calibrate (s) "
-            "| total (s) |\n|---|---|---|---|---|---|---|---|")
+    head = ("| model | recipe | tool | served (÷ original) | weights only | transformers + CT | KL served | "
+            "KL weights | KL transformers | calibrate (s) | total (s) |\n|---|---|---|---|---|---|---|---|---|---|---|")
     return "\n".join([head] + [_row(r) for r in rows])
 
 
