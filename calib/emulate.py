@@ -183,13 +183,18 @@ def load_served(path: str | Path, dtype: torch.dtype = torch.float32) -> ServedM
     activations = recipe.input_activations
     groups = fused_groups(quantized)
     if weights.is_fp8 and weights.strategy == "tensor" and groups:
+        differing = 0
         for group in groups:
-            new, largest = requantize_to_max_scale([tensors[f"{n}.weight"] for n in group],
-                                                   [tensors[f"{n}.weight_scale"] for n in group])
+            scales = [tensors[f"{n}.weight_scale"] for n in group]
+            differing += any(not torch.equal(scales[0], s) for s in scales[1:])
+            new, largest = requantize_to_max_scale([tensors[f"{n}.weight"] for n in group], scales)
             for name, q in zip(group, new):
                 tensors[f"{name}.weight"] = q
                 tensors[f"{name}.weight_scale"] = largest.to(tensors[f"{name}.weight_scale"].dtype)
-        notes.append(f"{len(groups)} fused layers: FP8 per-tensor shards re-quantized to the largest shard scale")
+        notes.append(f"{len(groups)} fused layers: FP8 per-tensor shards re-quantized to the largest shard scale "
+                     f"({differing} with differing shard scales, rounded twice)" if differing else
+                     f"{len(groups)} fused layers: one FP8 weight scale per fused layer, as stored (nothing to "
+                     "re-quantize)")
     input_scales = {n: tensors[f"{n}.input_scale"].to(torch.float32) for n in quantized
                     if f"{n}.input_scale" in tensors}
     zero_points = {n: tensors[f"{n}.input_zero_point"] for n in quantized if f"{n}.input_zero_point" in tensors}

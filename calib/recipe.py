@@ -238,12 +238,13 @@ class Recipe(BaseModel):
             raise ValueError("weights.strategy: token is for activations; use tensor, channel or group")
         if w.observer not in OBSERVERS_FOR_WEIGHTS:
             raise ValueError(f"weights.observer: {w.observer} is not one of {', '.join(OBSERVERS_FOR_WEIGHTS)}")
-        if "fused_scale" in w.model_fields_set and not (w.is_fp8 and w.strategy == "tensor"):
+        # "shared" (the default) is accepted anywhere: a dumped recipe writes it for every role
+        if w.fused_scale != "shared" and not (w.is_fp8 and w.strategy == "tensor"):
             raise ValueError(f"weights.fused_scale: only FP8 per-tensor weights choose between one scale per fused "
                              f"group and one per shard (these are {w.type}{w.num_bits} per {w.strategy}: each "
                              "projection keeps its own scales); remove it")
         for role, args in (("input_activations", a), ("kv_cache", kv)):
-            if args is not None and "fused_scale" in args.model_fields_set:
+            if args is not None and args.fused_scale != "shared":
                 raise ValueError(f"{role}.fused_scale: a weights field; fused siblings always share one input "
                                  "scale (they read the same tensor)")
             norm = args.observer_kwargs.get("norm", 2.0) if args is not None else 2.0

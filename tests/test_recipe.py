@@ -461,7 +461,7 @@ def test_weight_clip_search_norm_and_grid_reach_the_search(tmp_path):
     ("{type: int, strategy: channel, fused_scale: per_shard}", "",
      "weights.fused_scale: only FP8 per-tensor weights choose between one scale per fused group and one per "
      "shard (these are int8 per channel"),
-    ("{type: float, strategy: channel, fused_scale: shared}", "",
+    ("{type: float, strategy: channel, fused_scale: per_shard}", "",
      "weights.fused_scale: only FP8 per-tensor weights choose"),
     ("{type: float, strategy: tensor}", "input_activations: {type: float, strategy: tensor, fused_scale: per_shard}",
      "input_activations.fused_scale: a weights field"),
@@ -481,6 +481,11 @@ def test_fused_scale_defaults_to_shared_and_stays_out_of_config_json(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, "weights: {type: float, strategy: tensor, fused_scale: per_shard}\n"))
     assert not shares_fused_scale(recipe.weights) and shares_fused_scale(load_recipe("fp8-static").weights)
     assert "fused_scale" not in recipe.weights.to_compressed_tensors()
+    # a recipe as calib dumps it (provenance, report) names fused_scale for every role and parses back
+    import yaml
+
+    dumped = yaml.safe_dump(load_recipe("fp8-static-kv").model_dump(mode="json"))
+    assert "fused_scale" in dumped and parse_recipe(dumped) == load_recipe("fp8-static-kv")
 
 
 # --- recipe text: encoding, size, alias bombs -----------------------------------
