@@ -30,10 +30,22 @@ DATA = ["--model", str(TINYSTORIES), "--dataset", str(TINYSTORIES_TEXT), "--num-
         "--batch-size", "2", "--no-progress"]
 
 
+_RANK_TMP: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _rank_tmpdir(tmp_path_factory):
+    """Spawned ranks make their temporary folders here, not in /tmp: a rank killed on purpose
+    cannot remove its own, and pytest cleans its base folder."""
+    _RANK_TMP["TMPDIR"] = str(tmp_path_factory.mktemp("ranks-tmp"))
+    yield
+    _RANK_TMP.clear()
+
+
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT", distributed.FAULT_ENV)}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **_RANK_TMP, **extra)
     return env
 
 
