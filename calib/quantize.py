@@ -569,10 +569,8 @@ def quantized_module_tensors(
     input_amax = activation_amax(plan, input_observers or {}, a_args, result) if static_inputs else {}
 
     shared_weight_amax: dict[str, torch.Tensor] = {}
-    if shares_fused_scale(w_args):
-        for group in plan.fused:
-            top = torch.stack([finite_amax(n, plan.targets[n].weight.detach(), "tensor") for n in group]).max()
-            shared_weight_amax.update({n: top.reshape(1) for n in group})
+    for group in plan.fused:
+        shared_weight_amax.update(fused_weight_amax(w_args, group, [plan.targets[n].weight for n in group]))
 
     kv_by_attention = {}
     for layer_idx, attn_name in plan.attention.items():
@@ -633,6 +631,15 @@ def shares_fused_scale(args: QuantArgs) -> bool:
     """Whether fused siblings (q/k/v, gate/up) get one weight scale, the group's
     largest: FP8 per-tensor weights unless the recipe asks for one per shard."""
     return args.is_fp8 and args.strategy == "tensor" and args.fused_scale == "shared"
+
+
+def fused_weight_amax(args: QuantArgs, group: list[str], weights: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """name -> the fused group's largest ``max |w|`` where the siblings share one
+    weight scale (:func:`shares_fused_scale`); empty otherwise."""
+    if not shares_fused_scale(args) or len(group) < 2:
+        return {}
+    top = torch.stack([finite_amax(n, w.detach(), "tensor") for n, w in zip(group, weights)]).max()
+    return {n: top.reshape(1) for n in group}
 
 
 def weight_scale(weight: torch.Tensor, args: QuantArgs, name: str, shared_weight_amax: dict) -> tuple:

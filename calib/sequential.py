@@ -876,7 +876,7 @@ def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result
     float weights come back afterwards: what GPTQ chose goes to the writer as data
     (``result.solved``), like SmoothQuant's transforms."""
     from calib.algorithms.gptq import solve
-    from calib.quantize import finite_amax, shares_fused_scale, weight_scale
+    from calib.quantize import fused_weight_amax, weight_scale
 
     hessians = [g for g in stream.hessians if walk.layout.layer_of(g.names[0]) == index]
     pairs = [p for p in stream.gptq_pairs if walk.layout.layer_of(p[0].producer) == index]
@@ -912,10 +912,7 @@ def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result
         solved_by_group: dict[int, dict] = {}
         for group in todo:
             params = [model.get_submodule(n).weight for n in group.names]
-            shared = {}
-            if shares_fused_scale(args) and len(group.names) > 1:
-                top = torch.stack([finite_amax(n, p.detach(), "tensor") for n, p in zip(group.names, params)]).max()
-                shared = {n: top.reshape(1) for n in group.names}
+            shared = fused_weight_amax(args, group.names, params)
             scales = [weight_scale(p.detach(), args, n, shared)[1] for n, p in zip(group.names, params)]
             if any(group is g for g in mine):
                 solved_by_group[id(group)] = solve(group.names, [p.detach() for p in params], scales, group.observer.h,

@@ -47,7 +47,7 @@ from calib import qmath
 from calib.checkpoint import NameMap, SafetensorsSource, TensorSource, name_map_for
 from calib.errors import CalibInputError
 from calib.observers import Observer
-from calib.quantize import (Plan, QuantizeResult, _quantize_layer, activation_amax, finite_amax, plan_for,
+from calib.quantize import (Plan, QuantizeResult, _quantize_layer, activation_amax, fused_weight_amax, plan_for,
                             shares_fused_scale)
 from calib.recipe import Recipe
 
@@ -267,12 +267,8 @@ class CheckpointQuantizer:
         if shares_fused_scale(w_args) and self.plan.fused:
             by_target = {item.target: item for item in self.items if item.kind == "quantize"}
             for group in self.plan.fused:
-                amaxes = []
-                for member in group:
-                    item = by_target[member]
-                    amaxes.append(finite_amax(member, self.load(item), "tensor"))
-                top = torch.stack(amaxes).max()
-                self.shared_amax.update({member: top.reshape(1) for member in group})
+                weights = [self.load(by_target[member]) for member in group]
+                self.shared_amax.update(fused_weight_amax(w_args, group, weights))
 
     def compute(self, item: _Item, result: QuantizeResult,
                 stored: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor]]:

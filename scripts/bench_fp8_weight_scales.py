@@ -43,10 +43,10 @@ import torch  # noqa: E402
 
 from calib import qmath  # noqa: E402
 from calib.data import build_calibration_set  # noqa: E402
-from calib.evaluate import token_windows, window_nll  # noqa: E402
+from calib.evaluate import token_windows, window_logprobs, window_nll  # noqa: E402
 from calib.models import load_model  # noqa: E402
 from calib.quality import default_eval_text  # noqa: E402
-from calib.quantize import FUSED_SIBLINGS  # noqa: E402
+from calib.emulate import fused_groups  # noqa: E402
 
 FP8 = qmath.FP8_MAX
 
@@ -56,26 +56,11 @@ def targets(model) -> dict[str, torch.nn.Linear]:
 
 
 def groups(names) -> list[list[str]]:
-    """Fused groups (siblings that one GEMM serves) and singletons, in order."""
-    left, out = list(names), []
-    for name in list(left):
-        if name not in left:
-            continue
-        parent, _, leaf = name.rpartition(".")
-        for siblings in FUSED_SIBLINGS:
-            if leaf in siblings:
-                group = [f"{parent}.{s}" for s in siblings if f"{parent}.{s}" in left]
-                break
-        else:
-            group = [name]
-        for n in group:
-            left.remove(n)
-        out.append(group)
-    return out
-
-
-def storage(scale: torch.Tensor) -> torch.Tensor:
-    return scale.reshape(())
+    """Fused groups (siblings that one GEMM serves, as calib's served computation finds them) and
+    the other targets, each on its own."""
+    fused = fused_groups(list(names))
+    grouped = {n for group in fused for n in group}
+    return fused + [[n] for n in names if n not in grouped]
 
 
 def fake_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -116,7 +101,7 @@ def choose(model, how: str, power: dict | None) -> dict[str, torch.Tensor]:
         elif rule == "per shard":
             out.update({n: fake_fp8(w, a / FP8 * c) for n, w, a in zip(group, ws, amaxes)})
         elif rule == "per shard requant":
-            top_c = torch.stack([storage(a / FP8 * c) for a in amaxes]).max()
+            top_c = torch.stack(amaxes).max() / FP8 * c
             out.update({n: fake_fp8(fake_fp8(w, a / FP8 * c), top_c) for n, w, a in zip(group, ws, amaxes)})
         elif rule == "per channel":
             out.update({n: fake_fp8(w, w.abs().amax(1, keepdim=True).clamp_min(1e-12) / FP8 * c)
@@ -197,9 +182,7 @@ def main() -> int:
     def score() -> float:
         """PPL, and (with --kl) the mean per-token KL(FP32 || quantized) on the same windows."""
         nll, tokens, kl = 0.0, 0, 0.0
-        for i, start in enumerate(range(0, windows.shape[0], 8)):
-            batch = windows[start:start + 8]
-            logp = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)[:, :-1]
+        for i, (batch, logp) in enumerate(window_logprobs(model, windows)):
             nll -= float(logp.gather(-1, batch[:, 1:, None]).sum())
             tokens += batch[:, 1:].numel()
             if args.kl:
@@ -237,7 +220,7 @@ def main() -> int:
     extra = f" calibration text, first {args.calib_loss} samples ({calib_base:.4f}) |" if calib_base else ""
     extra += " KL(FP32 || quantized), nats/token |" if args.kl else ""
     print(f"| {args.model}: FP8 weight scale (weights only) | PPL / FP32 ({base:.4f}) |{extra}\n"
-          f"|---|---|{'---|' * extra.count('|')}", flush=True)
+          f"|---|---|{'---|' * (bool(calib_base) + args.kl)}", flush=True)
     for label in rows:
         for name, w in choose(model, label, power).items():
             model.get_submodule(name).weight.copy_(w.to(originals[name].dtype))
