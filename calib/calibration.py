@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calib.algorithms.smoothquant import apply_smoothing, smoothing_pairs, smoothing_scales
+from calib.algorithms.smoothquant import apply_smoothing, describe, search_rows, smooth_pair, smoothing_pairs
 from calib.data import CalibrationSet
 from calib.errors import CalibInputError
 from calib.hooks import InputGroup, observe, observing_cache
@@ -40,6 +40,7 @@ class Calibration:
     tokens: int = 0
     seconds: float = 0.0
     smoothed: int = 0  # SmoothQuant pairs rescaled (the model's weights changed in place)
+    smoothing: dict = field(default_factory=dict)  # producer -> SmoothChoice (alpha used, searched errors)
     # MoE: experts module -> real calibration tokens the router sent to each expert (observing pass)
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)
     all_experts: bool = False  # --moe-calibrate-all-experts: every expert observed every token
@@ -122,7 +123,8 @@ def calibrate(model: nn.Module, recipe: Recipe, data: CalibrationSet | None, bat
              batch_size)
     start = time.perf_counter()
     if recipe.smoothquant is not None:
-        calibration.smoothed = _smooth(model, recipe, plan, data, batch_size, pad_token_id, progress)
+        calibration.smoothed = _smooth(model, recipe, plan, data, batch_size, pad_token_id, progress,
+                                       calibration.smoothing)
     if groups or calibration.kv_observers:
         with all_experts_observed(model, recipe) as calibration.all_experts:
             calibration.batches, calibration.tokens = _run_batches(
@@ -190,14 +192,16 @@ def _run_batches(model, plan, data, batch_size, pad_token_id, groups, kv_observe
     return batches, tokens
 
 
-def _smooth(model, recipe, plan, data, batch_size, pad_token_id, progress) -> int:
-    """SmoothQuant: a pass for per-channel input ranges, then rescale the model in place."""
+def _smooth(model, recipe, plan, data, batch_size, pad_token_id, progress, choices: dict) -> int:
+    """SmoothQuant: a pass for per-channel input ranges (and, with ``alpha: search``,
+    sampled input rows), then rescale the model in place; ``choices`` gets each pair's."""
     pairs = smoothing_pairs(model, plan.targets, recipe.smoothquant.mapping_list())
     if not pairs:
         raise CalibInputError(f"recipe {recipe.name!r} asks for SmoothQuant, but {type(model).__name__} has no "
                               "norm -> projection pairs among its quantized layers (see "
                               "calib.algorithms.smoothquant.DEFAULT_MAPPINGS; give smoothquant.mappings)")
-    groups = [InputGroup(names=[pair.consumers[0]], observer=ChannelMaxObserver()) for pair in pairs]
+    groups = [InputGroup(names=[pair.consumers[0]], observer=ChannelMaxObserver(search_rows(recipe)))
+              for pair in pairs]
     _run_batches(model, plan, data, batch_size, pad_token_id, groups, {}, kv=False, progress=progress,
                  desc="smoothquant")
     from calib import distributed
@@ -208,8 +212,8 @@ def _smooth(model, recipe, plan, data, batch_size, pad_token_id, progress) -> in
     saved = _smoothed_parameters(model, pairs)
     for pair, group in zip(pairs, groups):
         if group.observer.observed:
-            weights = [model.get_submodule(n).weight for n in pair.consumers]
-            apply_smoothing(model, pair, smoothing_scales(group.observer.amax, weights, recipe.smoothquant.alpha))
+            choices[pair.producer] = smooth_pair(model, pair, group.observer, recipe)
+            apply_smoothing(model, pair, choices[pair.producer].scales)
     after = _layer_outputs(model, plan, probe)
     try:
         _check_layers(model, pairs, before, after)
@@ -218,7 +222,7 @@ def _smooth(model, recipe, plan, data, batch_size, pad_token_id, progress) -> in
             for param, original in saved:
                 param.copy_(original)  # the model as it was: nothing half-smoothed
         raise
-    log.info("SmoothQuant (alpha %.2f): rescaled %d norm/projection pairs", recipe.smoothquant.alpha, len(pairs))
+    log.info("SmoothQuant (%s): rescaled %d norm/projection pairs", describe(choices), len(choices))
     return len(pairs)
 
 

@@ -210,6 +210,9 @@ def _print_summary(report: dict) -> None:
     if errors:
         worst = ", ".join(f"{e['name']} {e['output_error']:.4f}" for e in errors["worst_layers"][:3])
         lines.append(f"  output err  mean {errors['mean']:.4f}; worst {worst}")
+    smooth = report.get("smoothquant")
+    if smooth:
+        lines.append(f"  smoothquant {len(smooth['pairs'])} pairs, {smooth['what']}")
     gptq = report.get("gptq")
     if gptq:
         text = f"{gptq['layers_solved']} layers solved"

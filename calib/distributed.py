@@ -406,7 +406,8 @@ def reduce_states(group: Group | None, observers: Sequence) -> None:
     _reduce_histograms(group, [o for o in ranges if isinstance(o, HistogramObserver)])
     _reduce_channels(group, [o for o in unique if isinstance(o, ChannelMaxObserver)], "amax", "max")
     _reduce_channels(group, [o for o in unique if isinstance(o, HessianObserver)], "h", "sum")
-    _reduce_samplers(group, [o for o in unique if isinstance(o, RowSampler)])
+    _reduce_samplers(group, [o for o in unique if isinstance(o, RowSampler)]
+                     + [o.sampler for o in unique if isinstance(o, ChannelMaxObserver) and o.sampler is not None])
     known = (Observer, ChannelMaxObserver, HessianObserver, RowSampler)
     other = [type(o).__name__ for o in unique if not isinstance(o, known)]
     if other:

@@ -100,19 +100,24 @@ class Observer:
 
 
 class ChannelMaxObserver:
-    """Running ``max |x|`` per channel (last dim), for SmoothQuant: O(channels)."""
+    """Running ``max |x|`` per channel (last dim), for SmoothQuant: O(channels);
+    with ``keep_rows``, also a :class:`RowSampler` of that many input rows (what
+    SmoothQuant's alpha search scores on)."""
 
     name = "channel-max"
 
-    def __init__(self) -> None:
+    def __init__(self, keep_rows: int = 0) -> None:
         self.amax: torch.Tensor | None = None
         self.count = 0
+        self.sampler = RowSampler(keep_rows) if keep_rows else None
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         rows = _valid(x, mask)
         if rows.numel() == 0:
             return
+        if self.sampler is not None:
+            self.sampler.update(rows)
         a = rows.abs().float().amax(dim=0)
         if not torch.isfinite(a).all():
             raise NonFiniteInput(nonfinite_kind(a))

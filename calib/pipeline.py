@@ -548,6 +548,11 @@ def _add_sections(report: dict, coverage: dict, calibration: Calibration | None,
             "mean": round(sum(layer.output_error for layer in measured) / len(measured), 6),
             "worst_layers": [{"name": x.name, "output_error": x.output_error} for x in worst],
         }
+    if calibration is not None and calibration.smoothing:
+        from calib.algorithms.smoothquant import describe, summary
+
+        report["smoothquant"] = {"what": describe(calibration.smoothing),
+                                 "pairs": summary(calibration.smoothing)}
     if calibration is not None and (calibration.solved or calibration.gptq_fallbacks):
         report["gptq"] = gptq_report(calibration, result)
     moe = moe_report(calibration.expert_tokens, calibration.all_experts, result.unobserved) if calibration else None

@@ -166,14 +166,51 @@ class SmoothMapping(BaseModel):
 
 
 class SmoothQuantArgs(BaseModel):
-    """SmoothQuant migration strength: ``s = max|x|^alpha / max|w|^(1 - alpha)``;
+    """SmoothQuant migration strength: ``s = max|x|^alpha / max|w|^(1 - alpha)``,
+    one number for every pair, or ``search``: per pair, the alpha of ``grid``
+    whose consumers' quantized output error on sampled calibration inputs is
+    smallest (:func:`calib.algorithms.smoothquant.choose_smoothing`);
     ``mappings`` replace the per-family defaults
     (:data:`calib.algorithms.smoothquant.DEFAULT_MAPPINGS`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    alpha: float = Field(0.5, gt=0.0, lt=1.0)
+    alpha: float | Literal["search"] = 0.5
+    grid: list[float] | None = None  # alpha: search only; default 0.20, 0.25, ..., 0.95
     mappings: list[SmoothMapping] | None = None
+
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "search":
+            raise ValueError(f"give a number between 0 and 1, or 'search' (per pair, from the grid), not {value!r}")
+        if not isinstance(value, str) and isinstance(value, (int, float)) and not 0.0 < float(value) < 1.0:
+            raise ValueError(f"Input should be greater than 0 and less than 1 (or 'search'), not {value}")
+        return value
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("give at least one alpha to try")
+            bad = [a for a in value if not 0.0 < a < 1.0]
+            if bad:
+                raise ValueError(f"every alpha must be between 0 and 1 (exclusive); got {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _grid_needs_search(self) -> "SmoothQuantArgs":
+        if self.grid is not None and self.alpha != "search":
+            raise ValueError(f"grid: the alphas to try when alpha is 'search'; alpha is {self.alpha}")
+        return self
+
+    @property
+    def searched(self) -> bool:
+        return self.alpha == "search"
+
+    def alpha_text(self) -> str:
+        return "searched per pair" if self.searched else f"{self.alpha:.2f}"
 
     def mapping_list(self) -> list[tuple[str, list[str]]] | None:
         return None if self.mappings is None else [(m.producer, list(m.consumers)) for m in self.mappings]

@@ -49,7 +49,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calib.algorithms.smoothquant import SmoothPair, apply_smoothing, smoothing_pairs, smoothing_scales
+from calib.algorithms.smoothquant import (SmoothPair, apply_smoothing, describe, search_rows, smooth_pair,
+                                          smoothing_pairs)
 from calib import qmath
 from calib import distributed
 from calib.calibration import Calibration, _forward_kwargs, _reduce_over_ranks, all_experts_observed, input_groups, \
@@ -495,7 +496,8 @@ def _streams(model: nn.Module, recipe: Recipe, plan: Plan, layout: DecoderLayers
             if len(where) != 1 or None in where:
                 raise CalibInputError(f"SmoothQuant pair {pair.producer} -> {pair.consumers} spans more than one "
                                       "layer: sequential mode rescales one layer at a time")
-        groups = [InputGroup(names=[pair.consumers[0]], observer=ChannelMaxObserver()) for pair in pairs]
+        groups = [InputGroup(names=[pair.consumers[0]], observer=ChannelMaxObserver(search_rows(recipe)))
+                  for pair in pairs]
         smooth_pairs = list(zip(pairs, groups))
         if recipe.gptq is None:
             streams.append(_Stream("smoothquant", kv=False, groups=groups, pairs=smooth_pairs,
@@ -635,7 +637,7 @@ def calibrate_sequential(model: nn.Module, load_weights: LoadWeights, recipe: Re
                         result.all_experts = result.all_experts or all_experts
                         if layer_pairs:  # every rank's channel ranges before the rescaling
                             distributed.reduce_states(distributed.current(), [g.observer for _, g in layer_pairs])
-                        done = _smooth_layer(model, layer_pairs, recipe, result.transforms)
+                        done = _smooth_layer(model, layer_pairs, recipe, result.transforms, result.smoothing)
                         if done:  # the rewrite must keep the layer's function: batch 0 again, smoothed
                             _check_smoothed(walk, index, stream, probe, stream.store.peek(0), done)
                         if index == stream.last_layer and not stream.feeds_tail:
@@ -650,8 +652,8 @@ def calibrate_sequential(model: nn.Module, load_weights: LoadWeights, recipe: Re
             _tail(walk, streams[-1], tail_groups, tuple_out)
 
     if result.smoothed:
-        log.info("SmoothQuant (alpha %.2f): rescaled %d norm/projection pairs", recipe.smoothquant.alpha,
-                 result.smoothed)
+        log.info("SmoothQuant (%s): rescaled %d norm/projection pairs", describe(result.smoothing),
+                 len(result.smoothing))
     if streams[-1].name == "calibrate":
         result.expert_tokens = streams[-1].expert_tokens
         result.batches = len(walk.batches)
@@ -887,7 +889,7 @@ def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result
     distributed.reduce_states(distributed.current(), [g.observer for g in hessians] + [g.observer for _, g in pairs])
     model, args, gptq = walk.model, recipe.weights, recipe.gptq
     probe = stream.store.peek(0) if pairs else None
-    done = _smooth_layer(model, pairs, recipe, result.transforms)
+    done = _smooth_layer(model, pairs, recipe, result.transforms, result.smoothing)
     if done:
         _check_smoothed(walk, index, stream, probe, before, done)
     # SmoothQuant divides a consumer's input channels by s: its Hessian becomes H / (s s^T)
@@ -998,15 +1000,16 @@ def _check_smoothed(walk: _Walk, index: int, stream: _Stream, hidden: torch.Tens
 
 
 def _smooth_layer(model: nn.Module, layer_pairs: list[tuple[SmoothPair, InputGroup]], recipe: Recipe,
-                  transforms: dict[str, list[ChannelScale]]) -> list[tuple[SmoothPair, torch.Tensor]]:
+                  transforms: dict[str, list[ChannelScale]], choices: dict) -> list[tuple[SmoothPair, torch.Tensor]]:
     """Rescale one layer's pairs as ``calibration._smooth`` does (same order, same
-    functions), and record the rescaling per tensor; returns the pairs' scales."""
+    functions), and record the rescaling per tensor (and each pair's choice in
+    ``choices``); returns the pairs' scales."""
     done = []
     for pair, group in layer_pairs:
         if not group.observer.observed:
             continue
-        weights = [model.get_submodule(n).weight for n in pair.consumers]
-        scales = smoothing_scales(group.observer.amax, weights, recipe.smoothquant.alpha)
+        choices[pair.producer] = smooth_pair(model, pair, group.observer, recipe)
+        scales = choices[pair.producer].scales
         apply_smoothing(model, pair, scales)
         s = scales.detach().to("cpu")
         producer = model.get_submodule(pair.producer)

@@ -335,7 +335,29 @@ def test_smoothquant_needs_quantized_activations(tmp_path):
 def test_smoothquant_alpha_must_be_between_0_and_1(tmp_path):
     path = write_recipe(tmp_path, "weights: {type: int, strategy: channel}\n"
                                   "input_activations: {type: int, strategy: tensor}\nsmoothquant: {alpha: 1.5}\n")
-    assert "smoothquant.alpha: Input should be less than 1" in recipe_error(path)
+    assert "smoothquant.alpha: Input should be greater than 0 and less than 1" in recipe_error(path)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("{alpha: auto}", "smoothquant.alpha: give a number between 0 and 1, or 'search'"),
+    ("{alpha: search, grid: []}", "smoothquant.grid: give at least one alpha to try"),
+    ("{alpha: search, grid: [0.5, 1.2]}", "smoothquant.grid: every alpha must be between 0 and 1"),
+    ("{alpha: 0.5, grid: [0.5, 0.8]}", "grid: the alphas to try when alpha is 'search'; alpha is 0.5"),
+])
+def test_smoothquant_alpha_search_fields_are_checked(tmp_path, body, message):
+    path = write_recipe(tmp_path, "weights: {type: int, strategy: channel}\n"
+                                  f"input_activations: {{type: int, strategy: tensor}}\nsmoothquant: {body}\n")
+    assert message in recipe_error(path)
+
+
+def test_smoothquant_alpha_search_round_trips(tmp_path):
+    path = write_recipe(tmp_path, "weights: {type: int, strategy: channel}\n"
+                                  "input_activations: {type: int, strategy: tensor}\n"
+                                  "smoothquant: {alpha: search, grid: [0.6, 0.8]}\n")
+    recipe = load_recipe(str(path))
+    assert recipe.smoothquant.searched and recipe.smoothquant.grid == [0.6, 0.8]
+    again = parse_recipe(recipe.to_yaml())
+    assert again.smoothquant == recipe.smoothquant
 
 
 def test_int8_static_recipe_uses_smoothquant():

@@ -250,19 +250,24 @@ def test_random_init_families_match_whole_model(name):
         assert seq.input_observers["lm_head"].count == data.num_tokens
 
 
-@pytest.mark.parametrize("name, recipe_name", [("llama", "int8-w8a8-static"), ("qwen2", "int8-w8a8-static"),
-                                               ("llama", "int8-w8a8-dynamic")])
-def test_random_init_smoothquant_matches(name, recipe_name):
-    """With dynamic activations SmoothQuant is the only stream: nothing else observed."""
+@pytest.mark.parametrize("name, recipe_name, alpha", [("llama", "int8-w8a8-static", 0.5),
+                                                      ("qwen2", "int8-w8a8-static", 0.5),
+                                                      ("llama", "int8-w8a8-dynamic", 0.5),
+                                                      ("llama", "int8-w8a8-static", "search")])
+def test_random_init_smoothquant_matches(name, recipe_name, alpha):
+    """With dynamic activations SmoothQuant is the only stream: nothing else observed.
+    A searched alpha is chosen on the same rows, so layer by layer picks the same."""
     config, auto, _ = family(name)
     torch.manual_seed(1)
     model = auto.from_config(config).eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     data = random_samples(config.vocab_size, seed=1)
-    recipe = calib.load_recipe(recipe_name).model_copy(update={"smoothquant": SmoothQuantArgs(alpha=0.5)})
+    recipe = calib.load_recipe(recipe_name).model_copy(update={"smoothquant": SmoothQuantArgs(alpha=alpha)})
     seq = calibrate_sequential(skeleton(config, auto), dict_loader(state), recipe, data, batch_size=3, progress=False)
     whole = calibrate(model, recipe, data, batch_size=3, progress=False)
     assert_same_observers(whole, seq)
+    assert {k: c.alpha for k, c in seq.smoothing.items()} == {k: c.alpha for k, c in whole.smoothing.items()}
+    assert len(seq.smoothing) == 2 * 3
     assert len(seq.transforms) == 2 * 8
     for key, transforms in seq.transforms.items():
         assert torch.equal(apply_transforms(state[key], transforms), model.get_parameter(key).detach()), key

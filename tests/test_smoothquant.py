@@ -128,3 +128,89 @@ def test_recipe_mappings_replace_the_defaults_and_unknown_names_are_errors():
     with pytest.raises(CalibInputError, match=r"smoothquant\.mappings: input_norm -> self_attn\.q_proj names "
                                               r"modules that no layer of LlamaForCausalLM has"):
         calib.calibrate(model, base.model_copy(update={"smoothquant": wrong}), _ids_data(), progress=False)
+
+
+def _int8(strategy: str, dynamic: bool):
+    from calib.recipe import QuantArgs
+
+    return QuantArgs(num_bits=8, type="int", strategy=strategy, dynamic=dynamic)
+
+
+def test_smoothing_error_is_the_hand_computed_one():
+    """Per-token INT8 inputs, per-channel INT8 weights, scales s: the relative
+    squared error of the consumer's output, by hand."""
+    from calib.algorithms.smoothquant import smoothing_error
+
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.25, 4.0, -1.0]])
+    w = torch.tensor([[0.3, -0.1, 0.2], [0.2, 0.7, -0.05]])
+    s = torch.tensor([2.0, 0.5, 1.0])
+    xs = x / s
+    row_scale = xs.abs().amax(dim=1, keepdim=True) / 127
+    qx = torch.round(xs / row_scale).clamp(-128, 127) * row_scale
+    ws = w * s
+    col_scale = ws.abs().amax(dim=1, keepdim=True) / 127
+    qw = torch.round(ws / col_scale).clamp(-128, 127) * col_scale
+    expected = float(((qx @ qw.T - x @ w.T) ** 2).sum() / ((x @ w.T) ** 2).sum())
+    got = smoothing_error(x, x.abs().amax(dim=0), [w], s, _int8("channel", False), _int8("token", True))
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert expected > 0
+    # static per-tensor inputs: one scale, the calibration range of x / s
+    static = torch.round(xs / (8.0 / 127)).clamp(-128, 127) * (8.0 / 127)  # max |x / s| = 4 / 0.5
+    expected = float(((static @ qw.T - x @ w.T) ** 2).sum() / ((x @ w.T) ** 2).sum())
+    got = smoothing_error(x, x.abs().amax(dim=0), [w], s, _int8("channel", False), _int8("tensor", False))
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_alpha_search_picks_the_grid_minimum():
+    from calib.algorithms.smoothquant import choose_smoothing, smoothing_error
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=gen)
+    x[:, 3] *= 60.0  # one outlier channel, as SmoothQuant's motivating case
+    x[::17, 10] = 300.0  # and a massive value on a few tokens
+    ws = [torch.randn(32, 64, generator=gen) * 0.05, torch.randn(16, 64, generator=gen) * 0.05]
+    amax = x.abs().amax(dim=0)
+    wa, ia = _int8("channel", False), _int8("token", True)
+    grid = [0.3, 0.5, 0.7, 0.9]
+    choice = choose_smoothing(amax, ws, "search", rows=x, grid=grid, weight_args=wa, input_args=ia)
+    errors = {a: smoothing_error(x, amax, ws, smoothing_scales(amax, ws, a), wa, ia) for a in grid}
+    assert choice.alpha == min(errors, key=errors.get)
+    assert choice.error == pytest.approx(errors[choice.alpha])
+    assert choice.error <= choice.error_reference  # the fixed 0.8 is scored too
+    torch.testing.assert_close(choice.scales, smoothing_scales(amax, ws, choice.alpha))
+    fixed = choose_smoothing(amax, ws, 0.6)
+    assert fixed.alpha == 0.6 and fixed.error is None
+    torch.testing.assert_close(fixed.scales, smoothing_scales(amax, ws, 0.6))
+
+
+def test_alpha_search_on_tinystories_keeps_the_function_and_reports(tinystories_split, tmp_path):
+    """calib run with alpha: search: every pair gets a grid alpha whose output
+    error is at most the fixed 0.8's, the model's function is unchanged, and the
+    report lists the choices."""
+    import json
+
+    from calib.algorithms.smoothquant import DEFAULT_GRID
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(TINYSTORIES))
+    ids = tok(tinystories_split[1][:3000], return_tensors="pt")["input_ids"][:, :128]
+    with torch.no_grad():
+        before = model(ids).logits
+    data = build_calibration_set(tok, tinystories_split[0], num_samples=32, seq_len=128)
+    recipe = calib.load_recipe("int8-w8a8-static").model_copy(
+        update={"smoothquant": SmoothQuantArgs(alpha="search")})
+    cal = calib.calibrate(model, recipe, data, batch_size=16, progress=False)
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    assert len(cal.smoothing) == 12
+    assert all(c.alpha in DEFAULT_GRID and c.error <= c.error_reference for c in cal.smoothing.values())
+
+    recipe_file = tmp_path / "search.yaml"
+    recipe_file.write_text(calib.load_recipe("int8-w8a8-static").model_copy(
+        update={"smoothquant": SmoothQuantArgs(alpha="search", grid=[0.5, 0.8])}).to_yaml())
+    report = calib.run(model=str(TINYSTORIES), recipe=calib.parse_recipe(recipe_file.read_text()),
+                       dataset=str(tinystories_split[0]), output=tmp_path / "out", num_samples=16, seq_len=128, progress=False)
+    pairs = report["smoothquant"]["pairs"]
+    assert len(pairs) == 12 and {p["alpha"] for p in pairs.values()} <= {0.5, 0.8}
+    assert json.loads((tmp_path / "out" / "calib_report.json").read_text())["smoothquant"]["pairs"] == pairs

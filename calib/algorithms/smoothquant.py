@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from calib import qmath
+
 log = logging.getLogger(__name__)
 
 MIN_SCALE = 1e-5
@@ -134,6 +136,131 @@ def smoothing_scales(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha:
     s = x.clamp(min=MIN_SCALE).pow(alpha) / w_amax.clamp(min=MIN_SCALE).pow(1.0 - alpha)
     s = torch.where((x > 0) & (w_amax > 0), s, torch.ones_like(s))
     return s.clamp(min=MIN_SCALE)
+
+
+DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(4, 20))  # alpha: search tries 0.20, 0.25, ..., 0.95
+SEARCH_ROWS = 512  # calibration input rows per pair that alpha: search scores on
+
+
+def fake_quantize_weight(w: torch.Tensor, args) -> torch.Tensor:
+    """``w`` [out, in] rounded to nearest on the recipe's weight grid (min-max
+    scales per tensor, channel or group; symmetric), back in float32."""
+    qmax = qmath.qmax_for(args.num_bits, args.is_fp8)
+    w = w.to(torch.float32)
+    scale = qmath.expand_scale(qmath.symmetric_scale(qmath.amax_per_strategy(w, args.strategy, args.group_size), qmax),
+                               w.shape, args.strategy, args.group_size)
+    q = qmath.quantize_fp8(w, scale) if args.is_fp8 else qmath.quantize_int(w, scale, qmin=-int(qmax) - 1,
+                                                                              qmax=int(qmax))
+    return qmath.dequantize(q, scale)
+
+
+def fake_quantize_input(x: torch.Tensor, args, static_amax: float) -> torch.Tensor:
+    """Input rows ``x`` [tokens, channels] as the recipe's activations see them:
+    per token (each row's own max), dynamic per tensor (the rows' max), or static
+    per tensor (``static_amax``, the calibration range); symmetric, float32."""
+    qmax = qmath.qmax_for(args.num_bits, args.is_fp8)
+    x = x.to(torch.float32)
+    if args.strategy == "token":
+        amax = x.abs().amax(dim=1, keepdim=True)
+    else:
+        amax = x.abs().amax().reshape(1, 1) if args.dynamic else torch.tensor([[static_amax]])
+    scale = qmath.symmetric_scale(amax, qmax)
+    q = qmath.quantize_fp8(x, scale) if args.is_fp8 else qmath.quantize_int(x, scale, qmin=-int(qmax) - 1,
+                                                                              qmax=int(qmax))
+    return qmath.dequantize(q, scale)
+
+
+def smoothing_error(x: torch.Tensor, act_amax: torch.Tensor, weights: list[torch.Tensor], scales: torch.Tensor,
+                    weight_args, input_args) -> float:
+    """Relative squared output error of the consumers after smoothing by
+    ``scales`` and quantizing: ``sum ||Q(x / s) Q(W s)^T - x W^T||^2 / sum ||x W^T||^2``
+    over the sampled input rows ``x``; weights rounded to nearest, inputs
+    quantized as the recipe says (not at all when ``input_args`` is None; a
+    static scale from the calibration range ``act_amax / s``)."""
+    x = x.to(torch.float32)
+    s = scales.to(torch.float32)
+    xs = x / s
+    if input_args is not None:
+        xs = fake_quantize_input(xs, input_args, float((act_amax.to(torch.float32) / s).amax()))
+    noise = signal = 0.0
+    for w in weights:
+        w = w.detach().to(torch.float32)
+        ref = x @ w.T
+        out = xs @ fake_quantize_weight(w * s, weight_args).T
+        noise += float((out - ref).square().sum(dtype=torch.float64))
+        signal += float(ref.square().sum(dtype=torch.float64))
+    return noise / signal if signal > 0 else 0.0
+
+
+@dataclass
+class SmoothChoice:
+    """A pair's smoothing: the scales, the alpha they came from, and (searched)
+    the relative output error at that alpha and at :data:`REFERENCE_ALPHA`."""
+
+    scales: torch.Tensor
+    alpha: float
+    error: float | None = None
+    error_reference: float | None = None
+
+
+REFERENCE_ALPHA = 0.8  # the report compares a searched alpha's error with this fixed one's
+
+
+def choose_smoothing(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha: float | str, *,
+                     rows: torch.Tensor | None = None, grid: tuple[float, ...] | list[float] = DEFAULT_GRID,
+                     weight_args=None, input_args=None) -> SmoothChoice:
+    """The scales for one pair: :func:`smoothing_scales` at ``alpha``, or with
+    ``alpha == "search"`` at the grid's alpha whose :func:`smoothing_error` on
+    ``rows`` is smallest (the first on ties)."""
+    if alpha != "search":
+        return SmoothChoice(smoothing_scales(act_amax, weights, float(alpha)), float(alpha))
+    if rows is None or rows.shape[0] == 0:
+        raise ValueError("alpha: search needs sampled calibration rows")
+    scores = {}
+    for a in sorted(set(grid) | {REFERENCE_ALPHA}):
+        scores[a] = smoothing_error(rows, act_amax, weights, smoothing_scales(act_amax, weights, a), weight_args,
+                                    input_args)
+    best = min((a for a in grid), key=lambda a: (scores[a], a))
+    return SmoothChoice(smoothing_scales(act_amax, weights, best), best, scores[best], scores[REFERENCE_ALPHA])
+
+
+def smooth_pair(model: nn.Module, pair: SmoothPair, observer, recipe) -> SmoothChoice:
+    """The smoothing of ``pair`` the recipe asks for, from its consumers'
+    :class:`~calib.observers.ChannelMaxObserver` (ranges, and rows to search on)."""
+    args = recipe.smoothquant
+    weights = [model.get_submodule(n).weight for n in pair.consumers]
+    rows = observer.sampler.rows if observer.sampler is not None else None
+    return choose_smoothing(observer.amax, weights, args.alpha, rows=rows, grid=args.grid or DEFAULT_GRID,
+                            weight_args=recipe.weights, input_args=recipe.input_activations)
+
+
+def search_rows(recipe) -> int:
+    """Input rows a pair's observer keeps: :data:`SEARCH_ROWS` with ``alpha: search``."""
+    return SEARCH_ROWS if recipe.smoothquant is not None and recipe.smoothquant.searched else 0
+
+
+def summary(choices: dict[str, SmoothChoice]) -> dict:
+    """The report's view of the chosen smoothing: per producer, the alpha (and,
+    searched, the relative output error at it and at :data:`REFERENCE_ALPHA`)."""
+    out = {}
+    for producer, c in choices.items():
+        entry = {"alpha": c.alpha}
+        if c.error is not None:
+            entry.update(error=round(c.error, 8), error_at_reference=round(c.error_reference, 8))
+        out[producer] = entry
+    return out
+
+
+def describe(choices: dict[str, SmoothChoice]) -> str:
+    """One line for the log: the alphas used (range and median when they differ)."""
+    alphas = sorted(c.alpha for c in choices.values())
+    if not alphas:
+        return "no pair"
+    if alphas[0] == alphas[-1]:
+        return f"alpha {alphas[0]:.2f}"
+    return (f"alpha searched per pair: {alphas[0]:.2f}-{alphas[-1]:.2f}, median {alphas[len(alphas) // 2]:.2f}; "
+            f"output error {sum(c.error for c in choices.values()):.3g} vs "
+            f"{sum(c.error_reference for c in choices.values()):.3g} at {REFERENCE_ALPHA} (summed over pairs)")
 
 
 @torch.no_grad()
