@@ -209,9 +209,6 @@ class SmoothQuantArgs(BaseModel):
     def searched(self) -> bool:
         return self.alpha == "search"
 
-    def alpha_text(self) -> str:
-        return "searched per pair" if self.searched else f"{self.alpha:.2f}"
-
     def mapping_list(self) -> list[tuple[str, list[str]]] | None:
         return None if self.mappings is None else [(m.producer, list(m.consumers)) for m in self.mappings]
 

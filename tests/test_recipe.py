@@ -364,6 +364,7 @@ def test_int8_static_recipe_uses_smoothquant():
     recipe = load_recipe("int8-w8a8-static")
     assert recipe.smoothquant is not None and recipe.smoothquant.alpha == 0.8
     assert recipe.needs_calibration
+    assert load_recipe("int8-w8a8-gptq").smoothquant.searched  # README: measured per recipe
 
 
 # --- schemes that vLLM 0.33 / SGLang 0.5.23 cannot run ------------------------

@@ -131,7 +131,14 @@ def smoothing_pairs(model: nn.Module, targets: dict[str, nn.Linear],
 
 def smoothing_scales(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """``s = amax_x^alpha / amax_w^(1 - alpha)`` per input channel; 1 where a channel saw nothing."""
-    w_amax = torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
+    return _scales(act_amax, _weight_amax(weights), alpha)
+
+
+def _weight_amax(weights: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
+
+
+def _scales(act_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
     x = act_amax.float()
     s = x.clamp(min=MIN_SCALE).pow(alpha) / w_amax.clamp(min=MIN_SCALE).pow(1.0 - alpha)
     s = torch.where((x > 0) & (w_amax > 0), s, torch.ones_like(s))
@@ -170,26 +177,40 @@ def fake_quantize_input(x: torch.Tensor, args, static_amax: float) -> torch.Tens
     return qmath.dequantize(q, scale)
 
 
+class _Scorer:
+    """:func:`smoothing_error` for many ``scales`` on the same rows and weights:
+    the float outputs ``x W^T`` are computed once."""
+
+    def __init__(self, x: torch.Tensor, act_amax: torch.Tensor, weights: list[torch.Tensor], weight_args,
+                 input_args) -> None:
+        self.x = x.to(torch.float32)
+        self.act_amax = act_amax.to(torch.float32)
+        self.weights = [w.detach().to(torch.float32) for w in weights]
+        self.refs = [self.x @ w.T for w in self.weights]
+        self.signal = sum(float(r.square().sum(dtype=torch.float64)) for r in self.refs)
+        self.weight_args, self.input_args = weight_args, input_args
+
+    def error(self, scales: torch.Tensor) -> float:
+        s = scales.to(torch.float32)
+        xs = self.x / s
+        if self.input_args is not None:
+            xs = fake_quantize_input(xs, self.input_args, float((self.act_amax / s).amax()))
+        noise = 0.0
+        for w, ref in zip(self.weights, self.refs):
+            out = torch.addmm(ref, xs, fake_quantize_weight(w * s, self.weight_args).T, alpha=1.0, beta=-1.0)
+            noise += float(out.square().sum(dtype=torch.float64))
+        return noise / self.signal if self.signal > 0 else 0.0
+
+
 def smoothing_error(x: torch.Tensor, act_amax: torch.Tensor, weights: list[torch.Tensor], scales: torch.Tensor,
                     weight_args, input_args) -> float:
     """Relative squared output error of the consumers after smoothing by
     ``scales`` and quantizing: ``sum ||Q(x / s) Q(W s)^T - x W^T||^2 / sum ||x W^T||^2``
-    over the sampled input rows ``x``; weights rounded to nearest, inputs
-    quantized as the recipe says (not at all when ``input_args`` is None; a
-    static scale from the calibration range ``act_amax / s``)."""
-    x = x.to(torch.float32)
-    s = scales.to(torch.float32)
-    xs = x / s
-    if input_args is not None:
-        xs = fake_quantize_input(xs, input_args, float((act_amax.to(torch.float32) / s).amax()))
-    noise = signal = 0.0
-    for w in weights:
-        w = w.detach().to(torch.float32)
-        ref = x @ w.T
-        out = xs @ fake_quantize_weight(w * s, weight_args).T
-        noise += float((out - ref).square().sum(dtype=torch.float64))
-        signal += float(ref.square().sum(dtype=torch.float64))
-    return noise / signal if signal > 0 else 0.0
+    over the sampled input rows ``x``; weights rounded to nearest with min-max
+    scales, inputs quantized as the recipe says (not at all when ``input_args``
+    is None; a static scale from the calibration range ``act_amax / s``); both
+    symmetric (an asymmetric recipe is scored as if symmetric)."""
+    return _Scorer(x, act_amax, weights, weight_args, input_args).error(scales)
 
 
 @dataclass
@@ -216,22 +237,23 @@ def choose_smoothing(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha:
         return SmoothChoice(smoothing_scales(act_amax, weights, float(alpha)), float(alpha))
     if rows is None or rows.shape[0] == 0:
         raise ValueError("alpha: search needs sampled calibration rows")
-    scores = {}
-    for a in sorted(set(grid) | {REFERENCE_ALPHA}):
-        scores[a] = smoothing_error(rows, act_amax, weights, smoothing_scales(act_amax, weights, a), weight_args,
-                                    input_args)
-    best = min((a for a in grid), key=lambda a: (scores[a], a))
-    return SmoothChoice(smoothing_scales(act_amax, weights, best), best, scores[best], scores[REFERENCE_ALPHA])
+    scorer, w_amax = _Scorer(rows, act_amax, weights, weight_args, input_args), _weight_amax(weights)
+    scores = {a: scorer.error(_scales(act_amax, w_amax, a)) for a in sorted(set(grid) | {REFERENCE_ALPHA})}
+    best = min(grid, key=lambda a: (scores[a], a))
+    return SmoothChoice(_scales(act_amax, w_amax, best), best, scores[best], scores[REFERENCE_ALPHA])
 
 
 def smooth_pair(model: nn.Module, pair: SmoothPair, observer, recipe) -> SmoothChoice:
     """The smoothing of ``pair`` the recipe asks for, from its consumers'
-    :class:`~calib.observers.ChannelMaxObserver` (ranges, and rows to search on)."""
+    :class:`~calib.observers.ChannelMaxObserver` (ranges, and rows to search on,
+    which are dropped once used: a layer-by-layer run holds one layer's)."""
     args = recipe.smoothquant
     weights = [model.get_submodule(n).weight for n in pair.consumers]
     rows = observer.sampler.rows if observer.sampler is not None else None
-    return choose_smoothing(observer.amax, weights, args.alpha, rows=rows, grid=args.grid or DEFAULT_GRID,
-                            weight_args=recipe.weights, input_args=recipe.input_activations)
+    choice = choose_smoothing(observer.amax, weights, args.alpha, rows=rows, grid=args.grid or DEFAULT_GRID,
+                              weight_args=recipe.weights, input_args=recipe.input_activations)
+    observer.sampler = None
+    return choice
 
 
 def search_rows(recipe) -> int:
@@ -252,15 +274,20 @@ def summary(choices: dict[str, SmoothChoice]) -> dict:
 
 
 def describe(choices: dict[str, SmoothChoice]) -> str:
-    """One line for the log: the alphas used (range and median when they differ)."""
+    """One line for the log and the summary: the alphas used (range and median
+    when they differ) and, searched, the mean output error against the fixed
+    :data:`REFERENCE_ALPHA`'s."""
     alphas = sorted(c.alpha for c in choices.values())
     if not alphas:
         return "no pair"
-    if alphas[0] == alphas[-1]:
-        return f"alpha {alphas[0]:.2f}"
-    return (f"alpha searched per pair: {alphas[0]:.2f}-{alphas[-1]:.2f}, median {alphas[len(alphas) // 2]:.2f}; "
-            f"output error {sum(c.error for c in choices.values()):.3g} vs "
-            f"{sum(c.error_reference for c in choices.values()):.3g} at {REFERENCE_ALPHA} (summed over pairs)")
+    text = f"alpha {alphas[0]:.2f}" if alphas[0] == alphas[-1] else \
+        f"alpha {alphas[0]:.2f}-{alphas[-1]:.2f}, median {alphas[len(alphas) // 2]:.2f}"
+    searched = [c for c in choices.values() if c.error is not None]
+    if searched:
+        mean = sum(c.error for c in searched) / len(searched)
+        reference = sum(c.error_reference for c in searched) / len(searched)
+        text += f", searched per pair; mean output error {mean:.3g} (at {REFERENCE_ALPHA}: {reference:.3g})"
+    return text
 
 
 @torch.no_grad()
