@@ -29,13 +29,18 @@ def test_pairs_cover_llama_norms_and_up_to_down():
     assert first.consumers == [f"model.layers.0.self_attn.{x}_proj" for x in "qkv"]
 
 
-def test_smoothing_keeps_the_function_and_flattens_the_inputs(tinystories_split):
+def _stories(tinystories_split):
+    """The TinyStories Llama, held-out ids, its logits on them, and 32 x 128 calibration tokens."""
     model = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES)).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(TINYSTORIES))
     ids = tok(tinystories_split[1][:3000], return_tensors="pt")["input_ids"][:, :128]
     with torch.no_grad():
         before = model(ids).logits
-    data = build_calibration_set(tok, tinystories_split[0], num_samples=32, seq_len=128)
+    return model, ids, before, build_calibration_set(tok, tinystories_split[0], num_samples=32, seq_len=128)
+
+
+def test_smoothing_keeps_the_function_and_flattens_the_inputs(tinystories_split):
+    model, ids, before, data = _stories(tinystories_split)
     plain = calib.calibrate(model, calib.load_recipe("int8-w8a8-static").model_copy(update={"smoothquant": None}),
                             data, batch_size=16, progress=False)
     recipe = calib.load_recipe("int8-w8a8-static").model_copy(update={"smoothquant": SmoothQuantArgs(alpha=0.8)})
@@ -191,12 +196,7 @@ def test_alpha_search_on_tinystories_keeps_the_function_and_reports(tinystories_
 
     from calib.algorithms.smoothquant import DEFAULT_GRID
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES)).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(TINYSTORIES))
-    ids = tok(tinystories_split[1][:3000], return_tensors="pt")["input_ids"][:, :128]
-    with torch.no_grad():
-        before = model(ids).logits
-    data = build_calibration_set(tok, tinystories_split[0], num_samples=32, seq_len=128)
+    model, ids, before, data = _stories(tinystories_split)
     recipe = calib.load_recipe("int8-w8a8-static").model_copy(
         update={"smoothquant": SmoothQuantArgs(alpha="search")})
     cal = calib.calibrate(model, recipe, data, batch_size=16, progress=False)
