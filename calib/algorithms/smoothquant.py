@@ -161,28 +161,15 @@ def fake_quantize_weight(w: torch.Tensor, args) -> torch.Tensor:
     return qmath.dequantize(q, scale)
 
 
-def fake_quantize_input(x: torch.Tensor, args, static_amax: float) -> torch.Tensor:
-    """Input rows ``x`` [tokens, channels] as the recipe's activations see them:
-    per token (each row's own max), dynamic per tensor (the rows' max), or static
-    per tensor (``static_amax``, the calibration range); symmetric, float32."""
-    qmax = qmath.qmax_for(args.num_bits, args.is_fp8)
-    x = x.to(torch.float32)
-    if args.strategy == "token":
-        amax = x.abs().amax(dim=1, keepdim=True)
-    else:
-        amax = x.abs().amax().reshape(1, 1) if args.dynamic else torch.tensor([[static_amax]])
-    scale = qmath.symmetric_scale(amax, qmax)
-    q = qmath.quantize_fp8(x, scale) if args.is_fp8 else qmath.quantize_int(x, scale, qmin=-int(qmax) - 1,
-                                                                              qmax=int(qmax))
-    return qmath.dequantize(q, scale)
-
-
 class _Scorer:
     """:func:`smoothing_error` for many ``scales`` on the same rows and weights:
     the float outputs ``x W^T`` are computed once."""
 
     def __init__(self, x: torch.Tensor, act_amax: torch.Tensor, weights: list[torch.Tensor], weight_args,
                  input_args) -> None:
+        from calib.emulate import fake_quantize_activation  # the served activation quantizer (imports late)
+
+        self.quantize_input = fake_quantize_activation
         self.x = x.to(torch.float32)
         self.act_amax = act_amax.to(torch.float32)
         self.weights = [w.detach().to(torch.float32) for w in weights]
@@ -193,8 +180,10 @@ class _Scorer:
     def error(self, scales: torch.Tensor) -> float:
         s = scales.to(torch.float32)
         xs = self.x / s
-        if self.input_args is not None:
-            xs = fake_quantize_input(xs, self.input_args, float((self.act_amax / s).amax()))
+        if self.input_args is not None:  # as the server quantizes them (static: the calibration range of x / s)
+            static = None if self.input_args.dynamic else qmath.symmetric_scale(
+                (self.act_amax / s).amax(), qmath.qmax_for(self.input_args.num_bits, self.input_args.is_fp8))
+            xs = self.quantize_input(xs, self.input_args, static)
         noise = 0.0
         for w, ref in zip(self.weights, self.refs):
             out = torch.addmm(ref, xs, fake_quantize_weight(w * s, self.weight_args).T, alpha=1.0, beta=-1.0)
@@ -207,9 +196,9 @@ def smoothing_error(x: torch.Tensor, act_amax: torch.Tensor, weights: list[torch
     """Relative squared output error of the consumers after smoothing by
     ``scales`` and quantizing: ``sum ||Q(x / s) Q(W s)^T - x W^T||^2 / sum ||x W^T||^2``
     over the sampled input rows ``x``; weights rounded to nearest with min-max
-    scales, inputs quantized as the recipe says (not at all when ``input_args``
-    is None; a static scale from the calibration range ``act_amax / s``); both
-    symmetric (an asymmetric recipe is scored as if symmetric)."""
+    scales, inputs quantized as the server does
+    (:func:`calib.emulate.fake_quantize_activation`; not at all when ``input_args``
+    is None; a static scale from the calibration range ``act_amax / s``, symmetric)."""
     return _Scorer(x, act_amax, weights, weight_args, input_args).error(scales)
 
 
