@@ -877,9 +877,6 @@ def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result
     rounded ones, so every later layer sees the quantized layer's outputs. The
     float weights come back afterwards: what GPTQ chose goes to the writer as data
     (``result.solved``), like SmoothQuant's transforms."""
-    from calib.algorithms.gptq import solve
-    from calib.quantize import fused_weight_amax, weight_scale
-
     hessians = [g for g in stream.hessians if walk.layout.layer_of(g.names[0]) == index]
     pairs = [p for p in stream.gptq_pairs if walk.layout.layer_of(p[0].producer) == index]
     if not hessians:
@@ -887,63 +884,76 @@ def _gptq_layer(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result
         return
     before = _hessian_pass(walk, index, stream, hessians + [group for _, group in pairs])
     distributed.reduce_states(distributed.current(), [g.observer for g in hessians] + [g.observer for _, g in pairs])
-    model, args, gptq = walk.model, recipe.weights, recipe.gptq
     probe = stream.store.peek(0) if pairs else None
-    done = _smooth_layer(model, pairs, recipe, result.transforms, result.smoothing)
+    done = _smooth_layer(walk.model, pairs, recipe, result.transforms, result.smoothing)
     if done:
         _check_smoothed(walk, index, stream, probe, before, done)
-    # SmoothQuant divides a consumer's input channels by s: its Hessian becomes H / (s s^T)
-    for pair, scales in done:
-        for group in hessians:
-            if pair.consumers[0] in group.names and group.observer.observed:
-                s = scales.to(group.observer.h.device)
-                group.observer.h = group.observer.h / s.unsqueeze(0) / s.unsqueeze(1)
+    _smooth_hessians(done, hessians)
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
-        ranks = distributed.current()
-        todo = [g for g in hessians if g.observer.observed]
-        for group in hessians:
-            if not group.observer.observed:
-                result.gptq_fallbacks.update({n: "no calibration tokens reached it: rounded to nearest"
-                                              for n in group.names})
-        # Several processes: each solves its share of the layer's groups, then every rank gets every result.
-        owners = distributed.owner_of([_solve_cost(g.observer.h.shape[0], sum(model.get_submodule(n).weight.shape[0]
-                                                                               for n in g.names)) for g in todo],
-                                      ranks.world if ranks else 1)
-        mine = [g for g, owner in zip(todo, owners) if owner == (ranks.rank if ranks else 0)]
-        solved_by_group: dict[int, dict] = {}
-        for group in todo:
-            params = [model.get_submodule(n).weight for n in group.names]
-            shared = fused_weight_amax(args, group.names, params)
-            scales = [weight_scale(p.detach(), args, n, shared)[1] for n, p in zip(group.names, params)]
-            if any(group is g for g in mine):
-                solved_by_group[id(group)] = solve(group.names, [p.detach() for p in params], scales, group.observer.h,
-                                                   args, block_size=gptq.block_size,
-                                                   dampening_frac=gptq.dampening_frac, actorder=gptq.actorder)
-            else:
-                solved_by_group[id(group)] = {"scales": scales, "params": params}
-            group.observer.h = None  # [in, in] float64 per group: freed as soon as it is used
-        if ranks is not None:
-            ranks.check(None)  # a solve that failed on one rank stops every rank here
-            for group, owner in zip(todo, owners):
-                solved_by_group[id(group)] = _share_solved(ranks, owner, group.names, solved_by_group[id(group)],
-                                                           args)
-        for group in todo:
-            solved = solved_by_group[id(group)]
-            params = [model.get_submodule(n).weight for n in group.names]
-            for name, param in zip(group.names, params):
-                rounded = solved[name]
-                full = qmath.expand_scale(rounded.scale.to(torch.float32), param.shape, args.strategy,
-                                          args.group_size)
-                saved.append((param, param.detach().clone()))
-                with torch.no_grad():
-                    param.copy_((rounded.q.to(torch.float32) * full).to(device=param.device, dtype=param.dtype))
-            result.solved.update(solved)
+        _solve_groups(walk, hessians, recipe, result, saved)
         yield
     finally:
         with torch.no_grad():
             for param, original in saved:
                 param.copy_(original)
+
+
+def _smooth_hessians(done: list[tuple[SmoothPair, torch.Tensor]], hessians: list[InputGroup]) -> None:
+    """SmoothQuant divides a consumer's input channels by s: its Hessian becomes H / (s s^T)."""
+    for pair, scales in done:
+        for group in hessians:
+            if pair.consumers[0] in group.names and group.observer.observed:
+                s = scales.to(group.observer.h.device)
+                group.observer.h = group.observer.h / s.unsqueeze(0) / s.unsqueeze(1)
+
+
+def _solve_groups(walk: _Walk, hessians: list[InputGroup], recipe: Recipe, result: SequentialCalibration,
+                  saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """GPTQ for ``hessians`` (their Hessians complete, on every rank): each group
+    solved (several processes: each its share, then every rank gets every
+    result), the results in ``result.solved``, and the modules' weights replaced
+    by the rounded ones; the float weights go to ``saved`` (``(param, copy)``)."""
+    from calib.algorithms.gptq import solve
+    from calib.quantize import fused_weight_amax, weight_scale
+
+    model, args, gptq = walk.model, recipe.weights, recipe.gptq
+    ranks = distributed.current()
+    todo = [g for g in hessians if g.observer.observed]
+    for group in hessians:
+        if not group.observer.observed:
+            result.gptq_fallbacks.update({n: "no calibration tokens reached it: rounded to nearest"
+                                          for n in group.names})
+    owners = distributed.owner_of([_solve_cost(g.observer.h.shape[0], sum(model.get_submodule(n).weight.shape[0]
+                                                                           for n in g.names)) for g in todo],
+                                  ranks.world if ranks else 1)
+    mine = [g for g, owner in zip(todo, owners) if owner == (ranks.rank if ranks else 0)]
+    solved_by_group: dict[int, dict] = {}
+    for group in todo:
+        params = [model.get_submodule(n).weight for n in group.names]
+        shared = fused_weight_amax(args, group.names, params)
+        scales = [weight_scale(p.detach(), args, n, shared)[1] for n, p in zip(group.names, params)]
+        if any(group is g for g in mine):
+            solved_by_group[id(group)] = solve(group.names, [p.detach() for p in params], scales, group.observer.h,
+                                               args, block_size=gptq.block_size,
+                                               dampening_frac=gptq.dampening_frac, actorder=gptq.actorder)
+        else:
+            solved_by_group[id(group)] = {"scales": scales, "params": params}
+        group.observer.h = None  # [in, in] float64 per group: freed as soon as it is used
+    if ranks is not None:
+        ranks.check(None)  # a solve that failed on one rank stops every rank here
+        for group, owner in zip(todo, owners):
+            solved_by_group[id(group)] = _share_solved(ranks, owner, group.names, solved_by_group[id(group)], args)
+    for group in todo:
+        solved = solved_by_group[id(group)]
+        for name in group.names:
+            param = model.get_submodule(name).weight
+            rounded = solved[name]
+            full = qmath.expand_scale(rounded.scale.to(torch.float32), param.shape, args.strategy, args.group_size)
+            saved.append((param, param.detach().clone()))
+            with torch.no_grad():
+                param.copy_((rounded.q.to(torch.float32) * full).to(device=param.device, dtype=param.dtype))
+        result.solved.update(solved)
 
 
 def _solve_cost(inputs: int, outputs: int) -> int:
