@@ -115,6 +115,12 @@ class ObservationSession:
         else:
             self.mask = attention_mask.bool()
 
+    def resume(self, batch_index: int, attention_mask: torch.Tensor | None) -> None:
+        """Go back to batch ``batch_index`` (its mask): for a caller that runs
+        several batches' forwards interleaved (:class:`calib.in_order.Baton`)."""
+        self.batch_index = batch_index - 1
+        self.set_mask(attention_mask)
+
     def token_rows(self, count: int) -> torch.Tensor | None:
         """The batch's token mask flattened to ``count`` rows (None: all real, or not aligned)."""
         if self.mask is None or self.mask.numel() != count:

@@ -221,6 +221,10 @@ class GPTQArgs(BaseModel):
     block_size: int = Field(128, gt=0)
     dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
     actorder: bool = True
+    # Solve each layer's modules in call order in one pass, each on the inputs the
+    # already-rounded modules before it give (q/k/v, then o, gate/up, down); false:
+    # two passes a layer, every Hessian from the float layer (calib.in_order).
+    true_sequential: bool = True
 
 
 class CalibrationDefaults(BaseModel):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import ctypes.util
 import functools
 import logging
@@ -58,10 +59,11 @@ from calib.calibration import Calibration, _forward_kwargs, _reduce_over_ranks, 
 from calib.data import CalibrationSet
 from calib.errors import CalibInputError
 from calib.estimate import RUNTIME_OVERHEAD, forward_workspace_bytes, human
-from calib.hooks import InputGroup, observe, observing_cache
+from calib.hooks import InputGroup, _positions_mask, observe, observing_cache
+from calib.in_order import DONE, FAILED, Baton, Stage, one_sample, plan_stages
 from calib.layers import DecoderLayers, LoadWeights, Units, canonical_names, find_decoder_layers, materialise, \
     tensor_slots, unit_bytes, units
-from calib.observers import ChannelMaxObserver, Observer
+from calib.observers import ChannelMaxObserver, NonFiniteInput, Observer
 from calib.quantize import Plan, plan_for
 from calib.recipe import Recipe
 
@@ -138,6 +140,9 @@ class SequentialCalibration(Calibration):
     transforms: dict[str, list[ChannelScale]] = field(default_factory=dict)
     layers: int = 0
     spilled: bool = False
+    # GPTQ: layers solved in order in one pass (calib.in_order), and those run in two passes, with why
+    gptq_in_order: list[str] = field(default_factory=list)
+    gptq_two_pass: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- memory
@@ -471,6 +476,7 @@ class _Walk:
     batches: list[dict[str, torch.Tensor]]
     slots: dict = field(default_factory=dict)
     canonical: dict = field(default_factory=dict)
+    in_order_room: int | str = 0  # bytes GPTQ's one-pass layers may add, or why none may run so
 
     def materialise(self, names: list[str]):
         return materialise(self.model, names, self.load_weights, self.device, self.slots, self.canonical)
@@ -600,6 +606,7 @@ def calibrate_sequential(model: nn.Module, load_weights: LoadWeights, recipe: Re
     walk = _Walk(model=model, plan=plan, layout=layout, units=units(model, layout), load_weights=load_weights,
                  device=device, slots=tensor_slots(model), canonical=canonical_names(model),
                  batches=[{k: v.to(device) for k, v in b.items()} for b in local_batches(data, batch_size, pad_token_id)])
+    walk.in_order_room = _in_order_room(recipe, memory, result.spilled, budget_bytes, device)
     count = len(layout.layers)
 
     with _spill_folder(spill_dir if result.spilled else None) as folder, _evaluating(model):
@@ -631,9 +638,13 @@ def calibrate_sequential(model: nn.Module, load_weights: LoadWeights, recipe: Re
                                 as all_experts:
                             layer_pairs = [p for p in stream.pairs if layout.layer_of(p[0].producer) == index]
                             probe = stream.store.peek(0) if layer_pairs else None
-                            with _gptq_layer(walk, index, stream, recipe, result) if observing \
-                                    else contextlib.nullcontext():
-                                tuple_out = _run_layer(walk, index, stream) or tuple_out
+                            stages = _in_order_stages(walk, index, stream, recipe, result) if observing else None
+                            if stages is not None:
+                                tuple_out = _gptq_in_order(walk, index, stream, recipe, result, *stages) or tuple_out
+                            else:
+                                with _gptq_layer(walk, index, stream, recipe, result) if observing \
+                                        else contextlib.nullcontext():
+                                    tuple_out = _run_layer(walk, index, stream) or tuple_out
                         result.all_experts = result.all_experts or all_experts
                         if layer_pairs:  # every rank's channel ranges before the rescaling
                             distributed.reduce_states(distributed.current(), [g.observer for _, g in layer_pairs])
@@ -651,6 +662,10 @@ def calibrate_sequential(model: nn.Module, load_weights: LoadWeights, recipe: Re
         if tail_groups:
             _tail(walk, streams[-1], tail_groups, tuple_out)
 
+    if result.gptq_in_order or result.gptq_two_pass:
+        log.info("GPTQ: %d layer(s) solved in order in one pass, %d in two passes%s", len(result.gptq_in_order),
+                 len(result.gptq_two_pass), "" if not result.gptq_two_pass else
+                 f" (first: {next(iter(result.gptq_two_pass))}: {next(iter(result.gptq_two_pass.values()))})")
     if result.smoothed:
         log.info("SmoothQuant (%s): rescaled %d norm/projection pairs", describe(result.smoothing),
                  len(result.smoothing))
@@ -954,6 +969,222 @@ def _solve_groups(walk: _Walk, hessians: list[InputGroup], recipe: Recipe, resul
             with torch.no_grad():
                 param.copy_((rounded.q.to(torch.float32) * full).to(device=param.device, dtype=param.dtype))
         result.solved.update(solved)
+
+
+# --------------------------------------------------------------------------- GPTQ in order, one pass a layer
+
+
+def _in_order_room(recipe: Recipe, memory: SequentialMemory, spilled: bool, budget: int | None,
+                   device: torch.device) -> int | str:
+    """The bytes GPTQ's one-pass layers may hold beyond the two-pass run (every
+    batch's activations inside a layer at once), or why no layer may run so."""
+    from calib.estimate import available_memory_bytes
+
+    if recipe.gptq is None:
+        return "no GPTQ"
+    if not recipe.gptq.true_sequential:
+        return "gptq.true_sequential is false"
+    if spilled:
+        return "the hidden states are spilled to disk (a one-pass layer holds every batch's activations)"
+    if budget is not None:
+        return max(0, budget - memory.peak(spilled=False))
+    return available_memory_bytes(device) // 2
+
+
+def _probe_calls(walk: _Walk, index: int, stream: _Stream, names: list[str],
+                 hidden: torch.Tensor) -> tuple[list[tuple[str, int]], torch.Tensor]:
+    """Layer ``index`` on the first sample of batch 0 (its input ``hidden``), no
+    observer: the calls of ``names`` in order (module, which input tensor) and
+    the output (float32)."""
+    config, model = getattr(walk.model, "config", None), walk.model
+    seen: list[tuple[str, torch.Tensor | None]] = []
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            seen.append((name, args[0] if args else None))
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(recorder(n)) for n in names]
+    try:
+        with torch.inference_mode(), observe(model, []) as session:
+            session.set_mask(walk.batches[0]["attention_mask"])
+            args, kwargs = stream.calls[0][index].bind(hidden, lambda: observing_cache(session, config))
+            args, kwargs = one_sample(args, kwargs, hidden.shape[0])
+            out = walk.layout.layers[index](*args, **kwargs)
+            out = (out[0] if isinstance(out, (tuple, list)) else out).detach().float()
+        calls = [(name, id(x)) for name, x in seen]  # the tensors are alive here: ids are unique
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, out
+
+
+def _in_order_stages(walk: _Walk, index: int, stream: _Stream, recipe: Recipe,
+                     result: SequentialCalibration) -> tuple[list[Stage], torch.Tensor] | None:
+    """Layer ``index``'s GPTQ stages and its float output on one probe sample, when
+    the layer runs in order in one pass (:mod:`calib.in_order`); None when it has
+    no GPTQ target or runs in two passes (the reason goes to the report). Every
+    rank decides alike."""
+    hessians = [g for g in stream.hessians if walk.layout.layer_of(g.names[0]) == index]
+    if not hessians:
+        return None
+    pairs = [p for p in stream.gptq_pairs if walk.layout.layer_of(p[0].producer) == index]
+    name = walk.layout.layer_name(index)
+    stages: list[Stage] | str = walk.in_order_room if isinstance(walk.in_order_room, str) else ""
+    before = None
+    if not stages and not walk.batches:
+        stages = "no calibration batch on this rank"
+    if not stages:
+        calls, before = _probe_calls(walk, index, stream, sorted({n for g in hessians for n in g.names}),
+                                     stream.store.peek(0))
+        stages = plan_stages(calls, [g.names for g in hessians], pairs,
+                             producer_rounded_ok=recipe.weights.strategy in ("channel", "group"))
+    if not isinstance(stages, str):
+        widths = max(walk.model.get_submodule(s.first).weight.shape[1] for s in stages)
+        hidden = stream.store.peek(0)
+        tokens = sum(int(b["input_ids"].numel()) for b in walk.batches)
+        extra = tokens * (2 * widths + 4 * hidden.shape[-1]) * hidden.element_size()
+        if extra > walk.in_order_room:
+            stages = (f"every batch's activations inside the layer ({human(extra)}) exceed the memory left "
+                      f"({human(walk.in_order_room)})")
+    ranks = distributed.current()
+    if ranks is not None:  # one rank that cannot makes every rank take two passes
+        mine = None if isinstance(stages, str) else [s.names for s in stages]
+        views = ranks.all_gather_json(mine)
+        if any(v != views[0] for v in views) or views[0] is None:
+            stages = stages if isinstance(stages, str) else "another rank runs this layer in two passes"
+    if isinstance(stages, str):
+        result.gptq_two_pass[name] = stages
+        return None
+    result.gptq_in_order.append(name)
+    return stages, before
+
+
+def _gptq_in_order(walk: _Walk, index: int, stream: _Stream, recipe: Recipe, result: SequentialCalibration,
+                   stages: list[Stage], before: torch.Tensor) -> bool:
+    """Layer ``index`` with GPTQ in one pass (:mod:`calib.in_order`): every batch
+    in its own greenlet, parked at each stage's first module until all are there;
+    then the stage's Hessian (and SmoothQuant ranges) are complete: the stage is
+    smoothed, solved and its weights replaced by the rounded ones, and the
+    batches go on. The outputs replace the inputs in the store, the recipe's
+    observers see the rounded layer as in the two-pass run, and the float
+    weights come back at the end. Returns whether the layer returns a tuple."""
+    layout, model, config = walk.layout, walk.model, getattr(walk.model, "config", None)
+    layer = layout.layers[index]
+    groups = [g for g in stream.groups if layout.layer_of(g.names[0]) == index]
+    kv = {i: obs for i, obs in stream.kv_observers.items() if layout.layer_of(walk.plan.attention[i]) == index}
+    hessian_of = {tuple(g.names): g for g in stream.hessians if layout.layer_of(g.names[0]) == index}
+    scales: dict[int, torch.Tensor] = {}  # stage -> SmoothQuant's s on its input, once chosen
+    held: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}  # batch -> (its input, divided by s)
+    live: dict = {}
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    done: list[tuple[SmoothPair, torch.Tensor]] = []
+
+    def stage_hook(number: int, stage: Stage, name: str):
+        watching = [hessian_of[tuple(stage.names)].observer] + [g.observer for _, g in stage.pairs]
+
+        def hook(module: nn.Module, args: tuple):
+            baton, session = live.get("baton"), live.get("session")
+            i = baton.current() if baton is not None else None
+            if i is None or not args:
+                return None
+            x = args[0]
+            if name == stage.first:
+                mask = _positions_mask(x, session.mask, session.rows)
+                try:
+                    for observer in watching:
+                        observer.update(x.detach(), mask)
+                except NonFiniteInput as exc:
+                    raise session.nonfinite_error(name, exc) from None
+                baton.pause(number)
+                s = scales.get(number)
+                held[i] = None if s is None else (x, x / s.to(device=x.device, dtype=x.dtype))
+            pair = held.get(i)
+            if pair is None:
+                return None
+            if pair[0] is not x:
+                raise RuntimeError(f"{name} read another tensor than {stage.first} (the probe said they read one): "
+                                   "a bug in calib's in-order GPTQ")
+            return (pair[1], *args[1:])
+        return hook
+
+    inputs = list(stream.store.take_all())
+    probe = inputs[0][1]  # batch 0's input: the smoothing check's probe sample
+    handles = [model.get_submodule(n).register_forward_pre_hook(stage_hook(k, st, n))
+               for k, st in enumerate(stages) for n in st.names]
+    tuple_out = False
+    try:
+        with torch.inference_mode(), observe(model, groups, kv, stream.expert_tokens) as session:
+            live["session"] = session
+
+            def job(batch: int, hidden: torch.Tensor):
+                def run():
+                    with torch.inference_mode():
+                        args, kwargs = stream.calls[batch][index].bind(hidden, lambda: observing_cache(session, config))
+                        return layer(*args, **kwargs)
+                return run
+
+            baton = live["baton"] = Baton([job(batch, hidden) for batch, hidden in inputs])
+            try:
+                for number in [*range(len(stages)), DONE]:
+                    for i, (batch, _) in enumerate(inputs):
+                        session.resume(batch, walk.batches[batch]["attention_mask"])
+                        where = baton.step(i)
+                        if where == FAILED:
+                            raise baton.errors[i]
+                        if where != number:
+                            raise RuntimeError(f"{layout.layer_name(index)}: batch {batch} stopped at {where!r}, "
+                                               f"batch {inputs[0][0]} at {number!r}: the layer's call order differs "
+                                               "between batches (a bug in calib's in-order GPTQ)")
+                    if number != DONE:  # outside inference mode: it is 1.3-2x slower on parameters
+                        with torch.inference_mode(False), torch.no_grad():
+                            _solve_stage(walk, stages[number], hessian_of[tuple(stages[number].names)], recipe,
+                                         result, saved, done, scales, number)
+            finally:
+                baton.close()
+            for i, (batch, hidden) in enumerate(inputs):
+                out = baton.results[i]
+                tuple_out = isinstance(out, tuple)
+                stream.store.put(batch, _layer_output(walk, index, out, hidden))
+                baton.results[i] = None
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for param, original in saved:
+                param.copy_(original)
+    if done:  # the rewrite must keep the layer's function: the probe sample again, float weights, smoothed
+        _, after = _probe_calls(walk, index, stream, [], probe)
+        from calib.algorithms.smoothquant import check_preserved, relative_change
+
+        dtype = model.get_submodule(done[0][0].consumers[0]).weight.dtype
+        check_preserved(layout.layer_name(index), [pair for pair, _ in done], relative_change(before, after), dtype)
+    return tuple_out
+
+
+def _solve_stage(walk: _Walk, stage: Stage, hessian: InputGroup, recipe: Recipe, result: SequentialCalibration,
+                 saved: list, done: list, scales: dict, number: int) -> None:
+    """At a stage's barrier (every batch's input seen): its ranges and Hessian
+    reduced over ranks, its SmoothQuant pairs chosen and applied, then GPTQ."""
+    distributed.reduce_states(distributed.current(), [hessian.observer] + [g.observer for _, g in stage.pairs])
+    now = _smooth_layer(walk.model, stage.pairs, recipe, result.transforms, result.smoothing)
+    for pair, s in now:
+        # A producer rounded at an earlier stage (up_proj for down_proj): its rows were divided
+        # (the rounded copy, unused from here on); the float copy and the stored scale take the
+        # same division: q * scale / s is exactly the rescaled rounded weight.
+        weight = walk.model.get_submodule(pair.producer).weight
+        for param, original in saved:
+            if param is weight:
+                original.div_(s.to(device=original.device, dtype=original.dtype).unsqueeze(1))
+        if pair.producer in result.solved:
+            rounded = result.solved[pair.producer]
+            shape = [-1] + [1] * (rounded.scale.dim() - 1)
+            result.solved[pair.producer] = dataclasses.replace(
+                rounded, scale=(rounded.scale / s.to(rounded.scale.dtype).reshape(shape)).to(rounded.scale.dtype))
+        scales[number] = s
+    done.extend(now)
+    _smooth_hessians(now, [hessian])
+    _solve_groups(walk, [hessian], recipe, result, saved)
 
 
 def _solve_cost(inputs: int, outputs: int) -> int:
