@@ -221,6 +221,9 @@ def _print_summary(report: dict) -> None:
                      f"round-to-nearest {gptq['mean_output_error_round_to_nearest']:.4f})")
         if gptq["rounded_to_nearest"]:
             text += f"; {len(gptq['rounded_to_nearest'])} rounded to nearest (see the report)"
+        if gptq.get("two_pass_layers"):
+            text += (f"; {len(gptq['two_pass_layers'])} decoder layer(s) in two passes, "
+                     f"{gptq['in_order_layers']} in order (see the report)")
         lines.append(f"  gptq        {text}")
     from calib.moe import moe_summary
 

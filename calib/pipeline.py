@@ -576,6 +576,10 @@ def gptq_report(calibration: Calibration, result: QuantizeResult) -> dict:
         "worst_layers": [{"name": x.name, "output_error": x.gptq_error,
                           "output_error_round_to_nearest": x.gptq_error_rtn} for x in worst],
         "dampening_escalated": damped,
+        # calib.in_order: layers whose modules were solved in call order in one pass (each on the inputs the
+        # rounded modules before it give), and those run in two passes (Hessians from the float layer), with why
+        "in_order_layers": len(getattr(calibration, "gptq_in_order", [])),
+        "two_pass_layers": dict(getattr(calibration, "gptq_two_pass", {})),
     }
 
 

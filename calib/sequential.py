@@ -924,11 +924,13 @@ def _smooth_hessians(done: list[tuple[SmoothPair, torch.Tensor]], hessians: list
 
 
 def _solve_groups(walk: _Walk, hessians: list[InputGroup], recipe: Recipe, result: SequentialCalibration,
-                  saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                  saved: list[tuple[torch.Tensor, torch.Tensor]], turn: int | None = None) -> None:
     """GPTQ for ``hessians`` (their Hessians complete, on every rank): each group
     solved (several processes: each its share, then every rank gets every
-    result), the results in ``result.solved``, and the modules' weights replaced
-    by the rounded ones; the float weights go to ``saved`` (``(param, copy)``)."""
+    result; ``turn``: one group solved by rank ``turn % world``, so that stages
+    solved one at a time take turns), the results in ``result.solved``, and the
+    modules' weights replaced by the rounded ones; the float weights go to
+    ``saved`` (``(param, copy)``)."""
     from calib.algorithms.gptq import solve
     from calib.quantize import fused_weight_amax, weight_scale
 
@@ -939,9 +941,12 @@ def _solve_groups(walk: _Walk, hessians: list[InputGroup], recipe: Recipe, resul
         if not group.observer.observed:
             result.gptq_fallbacks.update({n: "no calibration tokens reached it: rounded to nearest"
                                           for n in group.names})
-    owners = distributed.owner_of([_solve_cost(g.observer.h.shape[0], sum(model.get_submodule(n).weight.shape[0]
-                                                                           for n in g.names)) for g in todo],
-                                  ranks.world if ranks else 1)
+    world = ranks.world if ranks else 1
+    if turn is not None:
+        owners = [turn % world for _ in todo]
+    else:
+        owners = distributed.owner_of([_solve_cost(g.observer.h.shape[0], sum(model.get_submodule(n).weight.shape[0]
+                                                                               for n in g.names)) for g in todo], world)
     mine = [g for g, owner in zip(todo, owners) if owner == (ranks.rank if ranks else 0)]
     solved_by_group: dict[int, dict] = {}
     for group in todo:
@@ -1184,7 +1189,7 @@ def _solve_stage(walk: _Walk, stage: Stage, hessian: InputGroup, recipe: Recipe,
         scales[number] = s
     done.extend(now)
     _smooth_hessians(now, [hessian])
-    _solve_groups(walk, [hessian], recipe, result, saved)
+    _solve_groups(walk, [hessian], recipe, result, saved, turn=number)
 
 
 def _solve_cost(inputs: int, outputs: int) -> int:

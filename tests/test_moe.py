@@ -246,4 +246,8 @@ def test_gptq_solves_every_expert_and_rounds_a_starved_one_to_nearest_reported(s
     assert all("no calibration tokens" in why for why in gptq["rounded_to_nearest"].values())
     assert gptq["layers_solved"] + len(starved_members) == report["layers_quantized"]
     assert gptq["mean_output_error"] < 0.85 * gptq["mean_output_error_round_to_nearest"]
+    # the dense layer 0 runs in order in one pass; the MoE layer, whose experts see a batch zero or several
+    # times, in two (calib.in_order), and the report says why
+    assert gptq["in_order_layers"] == 1 and list(gptq["two_pass_layers"]) == ["model.layers.1"]
+    assert "model.layers.1.mlp." in gptq["two_pass_layers"]["model.layers.1"]
     assert ta[f"{expert}.gate_proj.weight"].dtype == torch.float8_e4m3fn

@@ -443,15 +443,21 @@ def test_progress_bar_and_a_debug_line_per_layer(stories_data, caplog, capsys):
     assert "calibrate (sequential)" in capsys.readouterr().err
 
 
-def test_nan_names_the_module_and_the_batch_like_whole_model(stories_data):
-    """Token 7's embedding is NaN and only the sample in batch 2 holds it."""
+def nan_in_batch_2() -> tuple[dict[str, torch.Tensor], CalibrationSet]:
+    """TinyStories' weights with token 7's embedding NaN, and data where only the
+    sample in batch 2 (batches of 2) holds token 7."""
     state = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES)).state_dict()
     state = {k: v.clone() for k, v in state.items()}
     state["model.embed_tokens.weight"][7] = float("nan")
     samples = [torch.randint(10, 500, (n,), generator=torch.Generator().manual_seed(n))
                for n in (40, 35, 30, 25, 20, 15)]
     samples[4][3] = 7  # lengths sorted 40..15, batches of 2: the fifth sample is in batch 2
-    data = CalibrationSet(samples=samples, source="ids", seq_len=40, packed=False, seed=0)
+    return state, CalibrationSet(samples=samples, source="ids", seq_len=40, packed=False, seed=0)
+
+
+def test_nan_names_the_module_and_the_batch_like_whole_model(stories_data):
+    """Token 7's embedding is NaN and only the sample in batch 2 holds it."""
+    state, data = nan_in_batch_2()
     recipe = calib.load_recipe("fp8-static")
     model = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES)).eval()
     model.load_state_dict(state)
