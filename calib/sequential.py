@@ -996,11 +996,11 @@ def _in_order_room(recipe: Recipe, memory: SequentialMemory, spilled: bool, budg
     return available_memory_bytes(device) // 2
 
 
-def _probe_calls(walk: _Walk, index: int, stream: _Stream, names: list[str],
-                 hidden: torch.Tensor) -> tuple[list[tuple[str, int]], torch.Tensor]:
-    """Layer ``index`` on the first sample of batch 0 (its input ``hidden``), no
-    observer: the calls of ``names`` in order (module, which input tensor) and
-    the output (float32)."""
+def _probe_calls(walk: _Walk, index: int, stream: _Stream, names: list[str], hidden: torch.Tensor,
+                 whole_batch: bool = False) -> tuple[list[tuple[str, int]], torch.Tensor]:
+    """Layer ``index`` on the first sample of batch 0 (on all of it with
+    ``whole_batch``; its input ``hidden``), no observer: the calls of ``names``
+    in order (module, which input tensor) and the output (float32)."""
     config, model = getattr(walk.model, "config", None), walk.model
     seen: list[tuple[str, torch.Tensor | None]] = []
 
@@ -1014,7 +1014,8 @@ def _probe_calls(walk: _Walk, index: int, stream: _Stream, names: list[str],
         with torch.inference_mode(), observe(model, []) as session:
             session.set_mask(walk.batches[0]["attention_mask"])
             args, kwargs = stream.calls[0][index].bind(hidden, lambda: observing_cache(session, config))
-            args, kwargs = one_sample(args, kwargs, hidden.shape[0])
+            if not whole_batch:
+                args, kwargs = one_sample(args, kwargs, hidden.shape[0])
             out = walk.layout.layers[index](*args, **kwargs)
             out = (out[0] if isinstance(out, (tuple, list)) else out).detach().float()
         calls = [(name, id(x)) for name, x in seen]  # the tensors are alive here: ids are unique
@@ -1224,23 +1225,13 @@ def _share_solved(ranks, owner: int, names: list[str], mine, args) -> dict:
     return out
 
 
-def _probe_layer(walk: _Walk, index: int, stream: _Stream, hidden: torch.Tensor) -> torch.Tensor:
-    """Layer ``index``'s output on batch 0's input ``hidden``, no observer attached."""
-    config = getattr(walk.model, "config", None)
-    with torch.inference_mode(), observe(walk.model, []) as session:
-        session.set_mask(walk.batches[0]["attention_mask"])
-        args, kwargs = stream.calls[0][index].bind(hidden, lambda: observing_cache(session, config))
-        out = walk.layout.layers[index](*args, **kwargs)
-    return (out[0] if isinstance(out, (tuple, list)) else out).detach().float()
-
-
 def _check_smoothed(walk: _Walk, index: int, stream: _Stream, hidden: torch.Tensor, before: torch.Tensor,
                     done: list[tuple[SmoothPair, torch.Tensor]]) -> None:
     """Stop, naming the mappings, when smoothing layer ``index`` moved its output on
     batch 0 beyond float rounding (:func:`calib.algorithms.smoothquant.check_preserved`)."""
     from calib.algorithms.smoothquant import check_preserved, relative_change
 
-    after = _probe_layer(walk, index, stream, hidden)
+    _, after = _probe_calls(walk, index, stream, [], hidden, whole_batch=True)
     dtype = walk.model.get_submodule(done[0][0].consumers[0]).weight.dtype
     check_preserved(walk.layout.layer_name(index), [pair for pair, _ in done],
                     relative_change(before.float(), after), dtype)
