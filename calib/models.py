@@ -10,6 +10,8 @@ headers, tokenizer files, GGUF magic) run before the slow load."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -485,6 +487,45 @@ def fingerprint_files(files: list[Path], root: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+# The last GGUF file parsed: (path, size, mtime_ns) -> gguf.GGUFReader. transformers parses a GGUF
+# file's header for the config, again for the tokenizer and again for the weights, and the header
+# holds the vocabulary: SmolLM2's 49k tokens and merges take ~7 s to parse each time on 2 cores.
+_GGUF_PARSED: dict[tuple, object] = {}
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once(src: _Source):
+    """While calib loads a GGUF source, every ``gguf.GGUFReader`` transformers opens on
+    the same unchanged file is the one already parsed (read-only, memory-mapped), and
+    gguf's tensor-name maps are built once."""
+    if not src.gguf_file:
+        yield
+        return
+    import gguf
+
+    original = gguf.GGUFReader
+
+    def parsed(path, mode="r"):
+        if mode != "r":
+            return original(path, mode)
+        resolved = Path(path).resolve()
+        stat = resolved.stat()
+        key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+        if key not in _GGUF_PARSED:
+            _GGUF_PARSED.clear()  # one file at a time: a reader holds its parsed header in memory
+            _GGUF_PARSED[key] = original(path, mode)
+        return _GGUF_PARSED[key]
+
+    # transformers also builds gguf's tensor-name map once per module of the model (397 times
+    # for SmolLM2, ~6 s); the map depends only on (architecture, number of blocks).
+    original_map = gguf.get_tensor_name_map
+    gguf.GGUFReader, gguf.get_tensor_name_map = parsed, functools.lru_cache(maxsize=8)(original_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original, original_map
+
+
 def _prepare_local(src: _Source, trust_remote_code: bool, allow_pickle: bool) -> list[Path]:
     """The cheap checks of a local source; returns the files its fingerprint covers."""
     folder = Path(src.location)
@@ -510,16 +551,18 @@ def load_model(model: str | None = None, dtype: str = "auto", trust_remote_code:
     torch_dtype = _torch_dtype(dtype)
     src = _source(model)
     files = _prepare_local(src, trust_remote_code, allow_pickle) if src.local else []
-    config = _load_config(src, trust_remote_code)
-    causal = _is_causal_lm(config)
-    auto_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    log.info("loading %s with %s", src.public_name, auto_class.__name__)
-    loaded = _load_weights(src, config, auto_class, torch_dtype, trust_remote_code, allow_pickle)
+    with _gguf_parsed_once(src):
+        config = _load_config(src, trust_remote_code)
+        causal = _is_causal_lm(config)
+        auto_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        log.info("loading %s with %s", src.public_name, auto_class.__name__)
+        loaded = _load_weights(src, config, auto_class, torch_dtype, trust_remote_code, allow_pickle)
+        tokenizer = _load_tokenizer(src, trust_remote_code)
+    _GGUF_PARSED.clear()  # the weights are loaded: the parsed header is not needed any more
     loaded.eval()
     from calib.moe import unfuse_experts
 
     unfuse_experts(loaded)  # MoE: the checkpoint's per-expert projections as Linear modules (views, no copy)
-    tokenizer = _load_tokenizer(src, trust_remote_code)
     _check_chat_template_names(tokenizer, src)
     _name_architecture(loaded)
     revision = None if src.local else getattr(config, "_commit_hash", None)
@@ -553,7 +596,9 @@ def model_outline(model: str | None = None, dtype: str = "auto", trust_remote_co
 
     torch_dtype = _torch_dtype(dtype)
     src = _source(model)
-    config = _load_config(src, trust_remote_code)
+    with _gguf_parsed_once(src):
+        config = _load_config(src, trust_remote_code)
+        tokenizer = _load_tokenizer(src, trust_remote_code) if tokenizer else None
     causal = _is_causal_lm(config)
     auto_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     if torch_dtype == "auto":  # what from_pretrained would pick: the checkpoint's dtype (GGUF dequantizes to fp32)
@@ -568,6 +613,5 @@ def model_outline(model: str | None = None, dtype: str = "auto", trust_remote_co
 
     unfuse_experts(skeleton)
     folder = Path(src.location) if src.kind == "folder" else None
-    return ModelOutline(config=config, skeleton=skeleton,
-                        tokenizer=_load_tokenizer(src, trust_remote_code) if tokenizer else None,
+    return ModelOutline(config=config, skeleton=skeleton, tokenizer=tokenizer,
                         is_causal_lm=causal, public_name=src.public_name, folder=folder, load_dtype=torch_dtype)

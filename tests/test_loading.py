@@ -276,6 +276,35 @@ def test_broken_gguf_is_a_clear_error(shared, tmp_path, content, says):
     assert says in str(err.value) and "broken.gguf" in str(err.value)
 
 
+def test_a_gguf_header_is_parsed_once_while_loading_and_again_when_the_file_changes(tmp_path):
+    """transformers opens a GGUF three times (config, tokenizer, weights); calib hands it the
+    reader it already parsed, and only inside a load: gguf itself is left as it was."""
+    import gguf
+
+    from calib.models import _gguf_parsed_once, _source
+
+    path = tmp_path / "tiny.gguf"
+
+    def write(value: int) -> None:
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_uint32("calib.test", value)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+
+    write(1)
+    original, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_parsed_once(_source(str(path))):
+        first = gguf.GGUFReader(str(path))
+        assert gguf.GGUFReader(str(tmp_path / "." / "tiny.gguf")) is first  # the same file, another spelling
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        write(2)  # edited on disk (same size; a distinct mtime even on a coarse clock): parsed again
+        os.utime(path, ns=(1, 1))
+        second = gguf.GGUFReader(str(path))
+        assert second is not first and int(second.fields["calib.test"].parts[-1][0]) == 2
+    assert gguf.GGUFReader is original and gguf.get_tensor_name_map is original_map
+
+
 def test_bad_dtype_fails_before_loading(tiny):
     with pytest.raises(CalibInputError, match="--dtype 'fp7'"):
         load_model(str(tiny), dtype="fp7")
