@@ -169,7 +169,8 @@ class SmoothQuantArgs(BaseModel):
     """SmoothQuant migration strength: ``s = max|x|^alpha / max|w|^(1 - alpha)``,
     one number for every pair, or ``search``: per pair, the alpha of ``grid``
     whose consumers' quantized output error on sampled calibration inputs is
-    smallest (:func:`calib.algorithms.smoothquant.choose_smoothing`);
+    smallest (:func:`calib.algorithms.smoothquant.choose_smoothing`), found by
+    ``search: descend`` (downhill from 0.8, the default) or ``search: full`` (every alpha);
     ``mappings`` replace the per-family defaults
     (:data:`calib.algorithms.smoothquant.DEFAULT_MAPPINGS`)."""
 
@@ -177,6 +178,7 @@ class SmoothQuantArgs(BaseModel):
 
     alpha: float | Literal["search"] = 0.5
     grid: list[float] | None = None  # alpha: search only; default 0.20, 0.25, ..., 0.95
+    search: Literal["descend", "full"] | None = None  # alpha: search only; None is descend
     mappings: list[SmoothMapping] | None = None
 
     @field_validator("alpha", mode="before")
@@ -203,11 +205,19 @@ class SmoothQuantArgs(BaseModel):
     def _grid_needs_search(self) -> "SmoothQuantArgs":
         if self.grid is not None and self.alpha != "search":
             raise ValueError(f"grid: the alphas to try when alpha is 'search'; alpha is {self.alpha}")
+        if self.search is not None and self.alpha != "search":
+            raise ValueError(f"search: how the alphas of the grid are tried when alpha is 'search'; "
+                             f"alpha is {self.alpha}")
         return self
 
     @property
     def searched(self) -> bool:
         return self.alpha == "search"
+
+    @property
+    def descends(self) -> bool:
+        """``alpha: search`` walks downhill from 0.8 (:func:`calib.algorithms.smoothquant.descend_grid`)."""
+        return self.search != "full"
 
     def mapping_list(self) -> list[tuple[str, list[str]]] | None:
         return None if self.mappings is None else [(m.producer, list(m.consumers)) for m in self.mappings]

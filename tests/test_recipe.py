@@ -343,6 +343,8 @@ def test_smoothquant_alpha_must_be_between_0_and_1(tmp_path):
     ("{alpha: search, grid: []}", "smoothquant.grid: give at least one alpha to try"),
     ("{alpha: search, grid: [0.5, 1.2]}", "smoothquant.grid: every alpha must be between 0 and 1"),
     ("{alpha: 0.5, grid: [0.5, 0.8]}", "grid: the alphas to try when alpha is 'search'; alpha is 0.5"),
+    ("{alpha: 0.5, search: full}", "search: how the alphas of the grid are tried when alpha is 'search'"),
+    ("{alpha: search, search: all}", "smoothquant.search: 'all' is not one of 'descend', 'full'"),
 ])
 def test_smoothquant_alpha_search_fields_are_checked(tmp_path, body, message):
     path = write_recipe(tmp_path, "weights: {type: int, strategy: channel}\n"
@@ -353,9 +355,10 @@ def test_smoothquant_alpha_search_fields_are_checked(tmp_path, body, message):
 def test_smoothquant_alpha_search_round_trips(tmp_path):
     path = write_recipe(tmp_path, "weights: {type: int, strategy: channel}\n"
                                   "input_activations: {type: int, strategy: tensor}\n"
-                                  "smoothquant: {alpha: search, grid: [0.6, 0.8]}\n")
+                                  "smoothquant: {alpha: search, grid: [0.6, 0.8], search: full}\n")
     recipe = load_recipe(str(path))
     assert recipe.smoothquant.searched and recipe.smoothquant.grid == [0.6, 0.8]
+    assert not recipe.smoothquant.descends and load_recipe("int8-w8a8-gptq").smoothquant.descends
     again = parse_recipe(recipe.to_yaml())
     assert again.smoothquant == recipe.smoothquant
 

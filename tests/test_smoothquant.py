@@ -177,15 +177,37 @@ def test_alpha_search_picks_the_grid_minimum():
     amax = x.abs().amax(dim=0)
     wa, ia = _int8("channel", False), _int8("token", True)
     grid = [0.3, 0.5, 0.7, 0.9]
-    choice = choose_smoothing(amax, ws, "search", rows=x, grid=grid, weight_args=wa, input_args=ia)
+    choice = choose_smoothing(amax, ws, "search", rows=x, grid=grid, weight_args=wa, input_args=ia, descend=False)
     errors = {a: smoothing_error(x, amax, ws, smoothing_scales(amax, ws, a), wa, ia) for a in grid}
-    assert choice.alpha == min(errors, key=errors.get)
+    assert choice.alpha == min(errors, key=errors.get) and choice.scored == 4
     assert choice.error == pytest.approx(errors[choice.alpha])
+    walked = choose_smoothing(amax, ws, "search", rows=x, grid=grid, weight_args=wa, input_args=ia)
+    assert walked.alpha == choice.alpha and walked.error == choice.error  # this curve has one minimum
     assert choice.error <= choice.error_reference  # the fixed 0.8 is scored too
     torch.testing.assert_close(choice.scales, smoothing_scales(amax, ws, choice.alpha))
     fixed = choose_smoothing(amax, ws, 0.6)
     assert fixed.alpha == 0.6 and fixed.error is None
     torch.testing.assert_close(fixed.scales, smoothing_scales(amax, ws, 0.6))
+
+
+def test_descend_grid_walks_downhill_from_0_8_and_scores_only_what_it_visits():
+    from calib.algorithms.smoothquant import DEFAULT_GRID, descend_grid
+
+    def walk(curve):
+        seen = []
+        best = descend_grid(list(DEFAULT_GRID), lambda a: seen.append(a) or curve(a))
+        return best, sorted(set(seen))
+
+    best, seen = walk(lambda a: (a - 0.45) ** 2)  # minimum left of 0.8: every alpha from 0.8 down, and 0.40
+    assert best == 0.45 and seen == [0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8]
+    best, seen = walk(lambda a: (a - 0.9) ** 2)  # right of 0.8: the left neighbour is tried first
+    assert best == 0.9 and seen == [0.75, 0.8, 0.85, 0.9, 0.95]
+    best, seen = walk(lambda a: abs(a - 0.8))  # at 0.8: its two neighbours only
+    assert best == 0.8 and seen == [0.75, 0.8, 0.85]
+    best, _ = walk(lambda a: min(abs(a - 0.3), abs(a - 0.7) + 0.01))  # two minima: the one downhill from 0.8
+    assert best == 0.7  # (search: full would find 0.3; on SmolLM2 89 of 90 pairs have one minimum)
+    assert descend_grid([0.2, 0.4], lambda a: a) == 0.2  # 0.4 is nearest 0.8; 0.2 is lower
+    assert descend_grid([0.5], lambda a: a) == 0.5
 
 
 def test_alpha_search_on_tinystories_keeps_the_function_and_reports(tinystories_split, tmp_path):
@@ -205,6 +227,7 @@ def test_alpha_search_on_tinystories_keeps_the_function_and_reports(tinystories_
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
     assert len(cal.smoothing) == 12
     assert all(c.alpha in DEFAULT_GRID and c.error <= c.error_reference for c in cal.smoothing.values())
+    assert all(2 <= c.scored < len(DEFAULT_GRID) for c in cal.smoothing.values())  # downhill from 0.8, not all 16
 
     recipe_file = tmp_path / "search.yaml"
     recipe_file.write_text(calib.load_recipe("int8-w8a8-static").model_copy(
