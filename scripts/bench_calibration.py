@@ -6,7 +6,8 @@ For each model, in one process: a plain forward over the calibration set
 same forward with calib's forward arguments but no hooks, then calib's
 calibration pass with the min-max and with the percentile observer, then with
 GPTQ (fp8-static + GPTQ, and int8-w8a8-gptq: SmoothQuant + GPTQ, in order in one pass
-a layer and, for comparison, in two passes). Each model
+a layer and, for comparison, in two passes and with every SmoothQuant alpha of the grid
+scored instead of the downhill walk). Each model
 runs in its own subprocess so peak RSS is per model. Ratios are taken within
 one process, side by side, since machines are noisy.
 
@@ -108,6 +109,8 @@ def bench_one(name: str, samples: int, seq_len: int, batch_size: int, only: list
     two_pass = calib.load_recipe("int8-w8a8-gptq")
     recipes["int8-w8a8-gptq, GPTQ in two passes (true_sequential: false)"] = two_pass.model_copy(
         update={"gptq": two_pass.gptq.model_copy(update={"true_sequential": False})})
+    recipes["int8-w8a8-gptq, every alpha of the grid scored (search: full)"] = two_pass.model_copy(
+        update={"smoothquant": two_pass.smoothquant.model_copy(update={"search": "full"})})
     if only:
         recipes = {label: r for label, r in recipes.items() if any(word in label for word in only)}
     lean_kwargs = _forward_kwargs(model, plan_for(model, calib.load_recipe("fp8-static")), False, ObservationSession())
