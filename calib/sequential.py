@@ -492,7 +492,8 @@ def _streams(model: nn.Module, recipe: Recipe, plan: Plan, layout: DecoderLayers
     streams = []
     smooth_pairs: list[tuple[SmoothPair, InputGroup]] = []
     if recipe.smoothquant is not None:
-        pairs = smoothing_pairs(model, plan.targets, recipe.smoothquant.mapping_list())
+        pairs = smoothing_pairs(model, plan.targets, recipe.smoothquant.mapping_list(),
+                                kv_cache=recipe.kv_cache is not None)
         if not pairs:
             raise CalibInputError(f"recipe {recipe.name!r} asks for SmoothQuant, but {type(model).__name__} has no "
                                   "norm -> projection pairs among its quantized layers (see "
@@ -1179,15 +1180,15 @@ def _solve_stage(walk: _Walk, stage: Stage, hessian: InputGroup, recipe: Recipe,
         # A producer rounded at an earlier stage (up_proj for down_proj): its rows were divided
         # (the rounded copy, unused from here on); the float copy and the stored scale take the
         # same division: q * scale / s is exactly the rescaled rounded weight.
-        weight = walk.model.get_submodule(pair.producer).weight
+        weight, rows = walk.model.get_submodule(pair.producer).weight, pair.producer_scales(s)
         for param, original in saved:
             if param is weight:
-                original.div_(s.to(device=original.device, dtype=original.dtype).unsqueeze(1))
+                original.div_(rows.to(device=original.device, dtype=original.dtype).unsqueeze(1))
         if pair.producer in result.solved:
             rounded = result.solved[pair.producer]
             shape = [-1] + [1] * (rounded.scale.dim() - 1)
             result.solved[pair.producer] = dataclasses.replace(
-                rounded, scale=(rounded.scale / s.to(rounded.scale.dtype).reshape(shape)).to(rounded.scale.dtype))
+                rounded, scale=(rounded.scale / rows.to(rounded.scale.dtype).reshape(shape)).to(rounded.scale.dtype))
         scales[number] = s
     done.extend(now)
     _smooth_hessians(now, [hessian])
@@ -1250,11 +1251,12 @@ def _smooth_layer(model: nn.Module, layer_pairs: list[tuple[SmoothPair, InputGro
         scales = choices[pair.producer].scales
         apply_smoothing(model, pair, scales)
         s = scales.detach().to("cpu")
+        rows = pair.producer_scales(s)
         producer = model.get_submodule(pair.producer)
         transforms.setdefault(f"{pair.producer}.weight", []).append(
-            ChannelScale(s, dim=0, divide=True, offset=0.0 if isinstance(producer, nn.Linear) else pair.offset))
+            ChannelScale(rows, dim=0, divide=True, offset=0.0 if isinstance(producer, nn.Linear) else pair.offset))
         if getattr(producer, "bias", None) is not None:
-            transforms.setdefault(f"{pair.producer}.bias", []).append(ChannelScale(s, dim=0, divide=True))
+            transforms.setdefault(f"{pair.producer}.bias", []).append(ChannelScale(rows, dim=0, divide=True))
         for name in pair.consumers:
             transforms.setdefault(f"{name}.weight", []).append(ChannelScale(s, dim=1, divide=False))
         done.append((pair, s))

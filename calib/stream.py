@@ -89,9 +89,10 @@ def smoothing_transforms(model: nn.Module, pair, scales: torch.Tensor) -> dict[s
     tensors: module-space parameter name -> rescalings, in application order.
     ``model`` may be the ``meta`` skeleton (only whether the producer has a bias is read)."""
     s = scales.detach().to("cpu", torch.float32).clone()
-    out: dict[str, list[Rescale]] = {f"{pair.producer}.weight": [Rescale(s, 0, divide=True)]}
+    rows = pair.producer_scales(s)
+    out: dict[str, list[Rescale]] = {f"{pair.producer}.weight": [Rescale(rows, 0, divide=True)]}
     if getattr(model.get_submodule(pair.producer), "bias", None) is not None:
-        out[f"{pair.producer}.bias"] = [Rescale(s, 0, divide=True)]
+        out[f"{pair.producer}.bias"] = [Rescale(rows, 0, divide=True)]
     for name in pair.consumers:
         out[f"{name}.weight"] = [Rescale(s, 1)]
     return out

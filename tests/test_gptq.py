@@ -280,7 +280,7 @@ def test_int8_smoothquant_gptq_dynamic_recipe_end_to_end(tinystories_split, tmp_
     report = calib.run(output=tmp_path / "mem", mode="in-memory", **kwargs)
     calib.run(output=tmp_path / "seq", mode="sequential", **kwargs)
     assert_same_checkpoint(tmp_path / "mem", tmp_path / "seq")
-    assert report["smoothquant_pairs"] == 12  # 4 layers x (norm -> q/k/v, norm -> gate/up, up -> down)
+    assert report["smoothquant_pairs"] == 16  # 4 layers x (norm -> q/k/v, norm -> gate/up, up -> down, v -> o)
     group = json.loads((tmp_path / "mem" / "config.json").read_text())["quantization_config"]["config_groups"]
     acts = group["group_0"]["input_activations"]
     assert acts["dynamic"] is True and acts["strategy"] == "token" and acts["type"] == "int"

@@ -173,9 +173,11 @@ def test_each_stage_is_solved_on_what_the_rounded_stages_before_it_give(stories_
 
 def test_smoothquant_in_order_keeps_the_function_and_rescales_rounded_producers(stories_data):
     """int8-w8a8-gptq in order: up_proj is rounded before down_proj's ranges are
-    known, then rescaled for up_proj -> down_proj. The float model calib leaves
-    behind computes what it computed before (the float copy took the rescaling),
-    and up_proj's stored scales are the per-channel scales of its rescaled weight."""
+    known, then rescaled for up_proj -> down_proj; v_proj likewise for v_proj ->
+    o_proj (grouped-query: each value row's scale shared by the o_proj columns of
+    its query heads). The float model calib leaves behind computes what it
+    computed before (the float copy took the rescaling), and the producers' stored
+    scales are the per-channel scales of their rescaled weights."""
     recipe = calib.load_recipe("int8-w8a8-gptq")
     model = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES)).eval()
     ids = stories_data.samples[0][None, :64]
@@ -184,14 +186,15 @@ def test_smoothquant_in_order_keeps_the_function_and_rescales_rounded_producers(
     cal = calib.calibrate(model, recipe, stories_data, batch_size=8, progress=False)
     assert len(cal.gptq_in_order) == model.config.num_hidden_layers
     assert any(p.endswith("mlp.up_proj") for p in cal.smoothing)
+    assert any(p.endswith("self_attn.v_proj") for p in cal.smoothing)
     with torch.no_grad():
         after = model(ids).logits
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
     for index in range(model.config.num_hidden_layers):
-        name = f"model.layers.{index}.mlp.up_proj"
-        weight = model.get_submodule(name).weight.detach()
-        expected = weight_scale(weight, recipe.weights, name, {})[1]
-        torch.testing.assert_close(cal.solved[name].scale, expected, rtol=1e-5, atol=0)
+        for name in (f"model.layers.{index}.mlp.up_proj", f"model.layers.{index}.self_attn.v_proj"):
+            weight = model.get_submodule(name).weight.detach()
+            expected = weight_scale(weight, recipe.weights, name, {})[1]
+            torch.testing.assert_close(cal.solved[name].scale, expected, rtol=1e-5, atol=0)
 
 
 def test_nan_in_order_names_the_module_and_the_batch(stories_data):

@@ -188,10 +188,11 @@ def test_smoothquant_transforms_reproduce_apply_smoothing():
     model = transformers.AutoModelForCausalLM.from_pretrained(str(SHAKESPEARE)).eval()
     whole = calibrate(model, recipe, stories_data, batch_size=8, progress=False)
     assert_same_observers(whole, seq)
-    assert seq.smoothed == 12
-    # 4 layers x (norm, q, k, v; norm, gate, up; up, down); up_proj: rows then columns, in that order
-    assert len(seq.transforms) == 4 * 8
+    assert seq.smoothed == 16
+    # 4 layers x (norm, q, k, v; norm, gate, up; up, down; v, o); up_proj and v_proj: rows then columns
+    assert len(seq.transforms) == 4 * 9
     assert [t.divide for t in seq.transforms["model.layers.1.mlp.up_proj.weight"]] == [True, False]
+    assert [t.divide for t in seq.transforms["model.layers.1.self_attn.v_proj.weight"]] == [True, False]
     with safe_open(str(SHAKESPEARE / "model.safetensors"), "pt") as f:
         for name in f.keys():
             source = f.get_tensor(name)
@@ -267,8 +268,8 @@ def test_random_init_smoothquant_matches(name, recipe_name, alpha):
     whole = calibrate(model, recipe, data, batch_size=3, progress=False)
     assert_same_observers(whole, seq)
     assert {k: c.alpha for k, c in seq.smoothing.items()} == {k: c.alpha for k, c in whole.smoothing.items()}
-    assert len(seq.smoothing) == 2 * 3
-    assert len(seq.transforms) == 2 * 8
+    assert len(seq.smoothing) == 2 * 4
+    assert len(seq.transforms) == 2 * (10 if name == "qwen2" else 9)  # Qwen2's v_proj has a bias, rescaled too
     for key, transforms in seq.transforms.items():
         assert torch.equal(apply_transforms(state[key], transforms), model.get_parameter(key).detach()), key
 

@@ -19,14 +19,40 @@ def test_smoothing_scales_hand_values():
     torch.testing.assert_close(s, torch.tensor([2.0, (1.0 / 0.5) ** 0.5, 1.0]))  # unseen channel: 1
 
 
-def test_pairs_cover_llama_norms_and_up_to_down():
+def test_pairs_cover_llama_norms_up_to_down_and_v_to_o():
     model = transformers.AutoModelForCausalLM.from_pretrained(str(TINYSTORIES))
     pairs = smoothing_pairs(model, plan_for(model, calib.load_recipe("int8-w8a8-static")).targets)
     producers = {p.producer for p in pairs}
-    assert len(pairs) == 12  # 4 layers x (input norm, post-attention norm, up_proj)
+    assert len(pairs) == 16  # 4 layers x (input norm, post-attention norm, up_proj, v_proj)
     assert "model.layers.0.input_layernorm" in producers and "model.layers.3.mlp.up_proj" in producers
     first = next(p for p in pairs if p.producer == "model.layers.0.input_layernorm")
     assert first.consumers == [f"model.layers.0.self_attn.{x}_proj" for x in "qkv"]
+    value = next(p for p in pairs if p.producer == "model.layers.0.self_attn.v_proj")
+    # 4 query heads, 2 value heads of 16: query heads 0, 1 read value head 0
+    assert value.consumers == ["model.layers.0.self_attn.o_proj"] and value.producer_channels == 32
+    assert value.source.tolist() == [*range(16), *range(16), *range(16, 32), *range(16, 32)]
+
+
+def test_value_channels_hand_values():
+    from calib.algorithms.smoothquant import value_channels
+
+    assert value_channels(4, 2, 2).tolist() == [0, 1, 0, 1, 2, 3, 2, 3]  # grouped-query: 2 heads a value head
+    assert value_channels(2, 2, 2, base=4).tolist() == [4, 5, 6, 7]  # Phi-3: after q (2 x 2) and k (2 x 2)
+    assert value_channels(2, 2, 2, base=4, stride=6).tolist() == [4, 5, 10, 11]  # GPT-NeoX: [q k v] per head
+
+
+def test_tied_channels_share_one_scale_and_the_producer_keeps_unread_rows():
+    from calib.algorithms.smoothquant import SmoothPair, tie
+
+    source = torch.tensor([0, 1, 0, 1])  # two query heads of 2 channels reading one value head
+    torch.testing.assert_close(tie(torch.tensor([1.0, 8.0, 4.0, 2.0]), source), torch.tensor([4.0, 8.0, 4.0, 8.0]))
+    act = torch.tensor([1.0, 8.0, 4.0, 2.0])
+    w = torch.tensor([[1.0, 0.5, 4.0, 0.5], [1.0, 0.5, 1.0, 2.0]])  # column amax 1, 0.5, 4, 2 -> tied 4, 2
+    s = smoothing_scales(act, [w], alpha=0.5, source=source)
+    expected = torch.tensor([(4.0 / 4.0) ** 0.5, (8.0 / 2.0) ** 0.5])
+    torch.testing.assert_close(s, expected[source])
+    pair = SmoothPair("gate_up", ["down"], source=torch.tensor([2, 3]), producer_channels=4)  # up: rows 2, 3
+    assert pair.producer_scales(torch.tensor([2.0, 3.0])).tolist() == [1.0, 1.0, 2.0, 3.0]
 
 
 def _stories(tinystories_split):
@@ -45,7 +71,7 @@ def test_smoothing_keeps_the_function_and_flattens_the_inputs(tinystories_split)
                             data, batch_size=16, progress=False)
     recipe = calib.load_recipe("int8-w8a8-static").model_copy(update={"smoothquant": SmoothQuantArgs(alpha=0.8)})
     smoothed = calib.calibrate(model, recipe, data, batch_size=16, progress=False)
-    assert smoothed.smoothed == 12
+    assert smoothed.smoothed == 16
     with torch.no_grad():
         after = model(ids).logits
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)  # same function
@@ -54,7 +80,7 @@ def test_smoothing_keeps_the_function_and_flattens_the_inputs(tinystories_split)
     assert float(smoothed.input_observers[name].absmax()) < float(plain.input_observers[name].absmax())
 
 
-FAMILY_PAIRS = {"llama": 6, "qwen2": 6, "gemma": 6, "gemma2": 6, "phi3": 4, "opt": 6, "gpt_neox": 4}
+FAMILY_PAIRS = {"llama": 8, "qwen2": 8, "gemma": 8, "gemma2": 8, "phi3": 8, "opt": 8, "gpt_neox": 6}
 
 
 def _family_model(family: str):
@@ -78,8 +104,10 @@ def _ids_data(count=8, length=24):
 @pytest.mark.parametrize("family", sorted(FAMILY_PAIRS))
 def test_every_family_is_smoothed_and_keeps_its_function(family):
     """Llama, Qwen2, Gemma (norm weight acting as 1 + w), Gemma 2 (its pre-feedforward
-    norm, never the post-attention one), Phi-3 (fused qkv and gate_up), OPT (fc1 -> fc2
-    through ReLU), GPT-NeoX: the pairs found, and the same logits after rescaling."""
+    norm, never the post-attention one), Phi-3 (fused qkv and gate_up, as consumers and
+    through their value and up rows as producers), OPT (fc1 -> fc2 through ReLU),
+    GPT-NeoX (the value rows interleaved per head), v -> o under grouped-query
+    attention: the pairs found, and the same logits after rescaling."""
     model = _family_model(family)
     ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -91,6 +119,10 @@ def test_every_family_is_smoothed_and_keeps_its_function(family):
         assert not any(p.producer.endswith("post_attention_layernorm") for p in pairs)
     if family == "opt":
         assert any(p.producer.endswith("fc1") and p.consumers[0].endswith("fc2") for p in pairs)
+    if family == "phi3":
+        up = next(p for p in pairs if p.producer.endswith("gate_up_proj"))
+        width = model.config.intermediate_size
+        assert up.consumers[0].endswith("mlp.down_proj") and up.source.tolist() == list(range(width, 2 * width))
     assert all(p.offset == (1.0 if family.startswith("gemma") and "norm" in p.producer else 0.0) for p in pairs)
     cal = calib.calibrate(model, recipe, _ids_data(), batch_size=4, progress=False)
     assert cal.smoothed == FAMILY_PAIRS[family]
@@ -133,6 +165,26 @@ def test_recipe_mappings_replace_the_defaults_and_unknown_names_are_errors():
     with pytest.raises(CalibInputError, match=r"smoothquant\.mappings: input_norm -> self_attn\.q_proj names "
                                               r"modules that no layer of LlamaForCausalLM has"):
         calib.calibrate(model, base.model_copy(update={"smoothquant": wrong}), _ids_data(), progress=False)
+
+
+def test_values_are_not_rescaled_when_the_kv_cache_is_quantized_and_unknown_layouts_are_errors():
+    """A quantized KV cache keeps its values as observed: the default v -> o pair is
+    dropped, a recipe mapping asking for it is an error; a Linear producer whose
+    rows do not line up with the consumer's columns in a way calib knows is an
+    error naming both widths (the defaults skip it)."""
+    from calib.errors import CalibInputError
+
+    model = _family_model("llama")
+    targets = plan_for(model, calib.load_recipe("int8-w8a8-static")).targets
+    assert len(smoothing_pairs(model, targets, kv_cache=True)) == 6
+    assert not any(p.producer.endswith("v_proj") for p in smoothing_pairs(model, targets, kv_cache=True))
+    with pytest.raises(CalibInputError, match=r"self_attn\.v_proj -> self_attn\.o_proj rescales the attention's "
+                                              r"values, and the recipe quantizes the KV cache"):
+        smoothing_pairs(model, targets, [("self_attn.v_proj", ["self_attn.o_proj"])], kv_cache=True)
+    with pytest.raises(CalibInputError, match=r"smoothquant\.mappings: mlp\.gate_proj -> self_attn\.o_proj: "
+                                              r"model\.layers\.0\.mlp\.gate_proj has 128 output channels and "
+                                              r"model\.layers\.0\.self_attn\.o_proj reads 64"):
+        smoothing_pairs(model, targets, [("mlp.gate_proj", ["self_attn.o_proj"])])
 
 
 def _int8(strategy: str, dynamic: bool):
@@ -225,7 +277,7 @@ def test_alpha_search_on_tinystories_keeps_the_function_and_reports(tinystories_
     with torch.no_grad():
         after = model(ids).logits
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
-    assert len(cal.smoothing) == 12
+    assert len(cal.smoothing) == 16
     assert all(c.alpha in DEFAULT_GRID and c.error <= c.error_reference for c in cal.smoothing.values())
     assert all(2 <= c.scored < len(DEFAULT_GRID) for c in cal.smoothing.values())  # downhill from 0.8, not all 16
 
@@ -235,5 +287,5 @@ def test_alpha_search_on_tinystories_keeps_the_function_and_reports(tinystories_
     report = calib.run(model=str(TINYSTORIES), recipe=calib.parse_recipe(recipe_file.read_text()),
                        dataset=str(tinystories_split[0]), output=tmp_path / "out", num_samples=16, seq_len=128, progress=False)
     pairs = report["smoothquant"]["pairs"]
-    assert len(pairs) == 12 and {p["alpha"] for p in pairs.values()} <= {0.5, 0.8}
+    assert len(pairs) == 16 and {p["alpha"] for p in pairs.values()} <= {0.5, 0.8}
     assert json.loads((tmp_path / "out" / "calib_report.json").read_text())["smoothquant"]["pairs"] == pairs

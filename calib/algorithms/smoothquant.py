@@ -13,9 +13,15 @@ decoder layer), the defaults covering the architecture matrix, or the recipe's
 
 * Llama, Mistral, Qwen2/3: ``input_layernorm -> self_attn.q/k/v_proj``,
   ``post_attention_layernorm -> mlp.gate/up_proj``, ``mlp.up_proj -> mlp.down_proj``
-  (down reads ``act(gate) * up``, linear in up's rows).
-* Phi-3: the fused ``self_attn.qkv_proj`` and ``mlp.gate_up_proj`` (its down
-  projection reads half of gate_up's rows: not smoothed).
+  (down reads ``act(gate) * up``, linear in up's rows), ``self_attn.v_proj ->
+  self_attn.o_proj`` (attention mixes the value rows per channel, linearly).
+  Under grouped-query attention each value channel feeds one channel of every
+  query head of its group: those ``o_proj`` columns share one scale
+  (:attr:`SmoothPair.source`).
+* Phi-3: the fused ``self_attn.qkv_proj`` and ``mlp.gate_up_proj`` as consumers
+  of the norms, and as producers through the rows their consumers read: the
+  value rows of ``qkv_proj`` -> ``o_proj``, the up half of ``gate_up_proj`` (down
+  reads ``up * act(gate)``) -> ``down_proj``.
 * Gemma: its RMSNorm multiplies by ``1 + w``, so the norm's weight becomes
   ``(1 + w) / s - 1``; Gemma 2/3 feed the MLP from ``pre_feedforward_layernorm``
   (their ``post_attention_layernorm`` normalises the attention output on its way
@@ -23,7 +29,9 @@ decoder layer), the defaults covering the architecture matrix, or the recipe's
 * OPT: ``self_attn_layer_norm -> q/k/v``, ``final_layer_norm -> fc1``, and
   ``fc1 -> fc2`` when the activation between is ReLU (``relu(x / s) = relu(x) / s``).
 * GPT-NeoX: ``input_layernorm -> attention.query_key_value``,
-  ``post_attention_layernorm -> mlp.dense_h_to_4h`` (GELU: no fc pair).
+  ``post_attention_layernorm -> mlp.dense_h_to_4h`` (GELU: no fc pair), and the
+  value rows of ``query_key_value`` (interleaved per head) -> ``attention.dense``.
+  OPT: ``self_attn.v_proj -> self_attn.out_proj`` too.
 * BERT: ``attention.output.LayerNorm -> intermediate.dense`` is proposed and then
   refused by the check below: a post-LayerNorm's output is also the residual.
 
@@ -52,6 +60,20 @@ class SmoothPair:
     producer: str  # module whose output channels are divided by s
     consumers: list[str]  # Linears whose input columns are multiplied by s
     offset: float = 0.0  # the producer's weight acts as (offset + w): Gemma's RMSNorm has 1
+    # For each consumer input channel, the producer output channel it reads; None: the same
+    # channel. Consumer channels reading one producer channel (a value channel under
+    # grouped-query attention) get one scale; producer rows no consumer reads keep theirs.
+    source: torch.Tensor | None = None
+    producer_channels: int = 0  # the producer's output channels (with ``source``)
+
+    def producer_scales(self, scales: torch.Tensor) -> torch.Tensor:
+        """The divisors of the producer's output channels for the consumers'
+        (tied) ``scales``: 1 on the rows no consumer reads, so those stay bit for bit."""
+        if self.source is None:
+            return scales
+        out = torch.ones(self.producer_channels, dtype=scales.dtype, device=scales.device)
+        out[self.source.to(scales.device)] = scales
+        return out
 
 
 # (producer, consumers), relative to a decoder layer; the first mapping whose modules
@@ -65,6 +87,11 @@ DEFAULT_MAPPINGS: list[tuple[str, list[str]]] = [
     ("post_attention_layernorm", ["mlp.gate_up_proj"]),
     ("post_attention_layernorm", ["mlp.dense_h_to_4h"]),
     ("mlp.up_proj", ["mlp.down_proj"]),
+    ("mlp.gate_up_proj", ["mlp.down_proj"]),
+    ("self_attn.v_proj", ["self_attn.o_proj"]),
+    ("self_attn.qkv_proj", ["self_attn.o_proj"]),
+    ("attention.query_key_value", ["attention.dense"]),
+    ("self_attn.v_proj", ["self_attn.out_proj"]),
     ("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
     ("final_layer_norm", ["fc1"]),
     ("fc1", ["fc2"]),
@@ -84,11 +111,74 @@ def _producer_ok(module: nn.Module, layer: nn.Module, producer: str, model: nn.M
     return "Norm" in type(module).__name__ and getattr(module, "weight", None) is not None
 
 
+def _attention_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    """(query heads, key/value heads, head dim) from the model's (text) config."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:
+        return None
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads
+    return (heads, kv, head_dim) if head_dim and heads % kv == 0 else None
+
+
+def value_channels(heads: int, kv_heads: int, head_dim: int, base: int = 0, stride: int | None = None) -> torch.Tensor:
+    """For each channel ``h * head_dim + d`` of the attention output (query head
+    ``h``), the producer row of its value: ``base + (h // (heads / kv_heads)) *
+    stride + d`` (``stride``: a value head's step in the producer's rows, ``head_dim``
+    by default)."""
+    h = torch.arange(heads).repeat_interleave(head_dim)
+    d = torch.arange(head_dim).repeat(heads)
+    return base + (h // (heads // kv_heads)) * (stride or head_dim) + d
+
+
+def _source_channels(model: nn.Module, producer_name: str, producer: nn.Module, consumer: nn.Linear):
+    """How the consumer's input channels map onto a Linear producer's output rows:
+    ``(None, 0)`` for the same channels, ``(source, rows)`` for a part of a fused
+    producer or a grouped-query value, ``None`` when calib does not know the layout."""
+    rows, width = producer.out_features, consumer.in_features
+    leaf = producer_name.rsplit(".", 1)[-1]
+    shape = _attention_shape(model)
+    if leaf == "gate_up_proj":  # Phi-3: gate, up = chunk(2); down reads up * act(gate)
+        return (torch.arange(width, 2 * width), rows) if rows == 2 * width else None
+    if leaf == "qkv_proj":  # Phi-3: [q | k | v] rows
+        if shape is None:
+            return None
+        heads, kv, hd = shape
+        if rows != (heads + 2 * kv) * hd or width != heads * hd:
+            return None
+        return value_channels(heads, kv, hd, base=(heads + kv) * hd), rows
+    if leaf == "query_key_value":  # GPT-NeoX: rows per head [q | k | v]
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if shape is None or model_type != "gpt_neox":
+            return None
+        heads, kv, hd = shape
+        if kv != heads or rows != 3 * heads * hd or width != heads * hd:
+            return None
+        return value_channels(heads, heads, hd, base=2 * hd, stride=3 * hd), rows
+    if rows == width:
+        return None, 0
+    if leaf == "v_proj" and shape is not None:  # grouped-query attention
+        heads, kv, hd = shape
+        if rows == kv * hd and width == heads * hd:
+            return value_channels(heads, kv, hd), rows
+    return None
+
+
+VALUE_PRODUCERS = ("v_proj", "qkv_proj", "query_key_value")  # producers whose rows are the attention's values
+
+
 def smoothing_pairs(model: nn.Module, targets: dict[str, nn.Linear],
-                    mappings: list[tuple[str, list[str]]] | None = None) -> list[SmoothPair]:
+                    mappings: list[tuple[str, list[str]]] | None = None, *,
+                    kv_cache: bool = False) -> list[SmoothPair]:
     """The (producer, consumers) pairs present among the quantized Linears, layer
     by layer. ``mappings``: the recipe's (replacing the defaults); one that
-    matches in no layer is an error naming it."""
+    matches in no layer is an error naming it. With ``kv_cache`` (the recipe
+    quantizes the KV cache) the values are not rescaled: the cache's ``v_scale``
+    would be observed on the values before smoothing in the in-order GPTQ pass;
+    a recipe mapping that asks for it is an error."""
     from calib.errors import CalibInputError
     from calib.layers import find_decoder_layers
 
@@ -115,8 +205,28 @@ def smoothing_pairs(model: nn.Module, targets: dict[str, nn.Linear],
                 continue  # Gemma 2/3: the attention output's norm, on the residual path
             if not all(c in targets for c in cs) or not _producer_ok(modules[p], layer, producer, model):
                 continue
+            source, rows = None, 0
+            if kv_cache and isinstance(modules[p], nn.Linear) and p.rsplit(".", 1)[-1] in VALUE_PRODUCERS:
+                if mappings is not None:
+                    raise CalibInputError(
+                        f"smoothquant.mappings: {producer} -> {', '.join(consumers)} rescales the attention's "
+                        "values, and the recipe quantizes the KV cache (kv_cache): calib does not rescale "
+                        "values whose cache it quantizes; drop one of the two")
+                continue
+            if isinstance(modules[p], nn.Linear):
+                mapped = _source_channels(model, p, modules[p], modules[cs[0]])
+                if mapped is None:
+                    if mappings is not None:
+                        raise CalibInputError(
+                            f"smoothquant.mappings: {producer} -> {', '.join(consumers)}: {p} has "
+                            f"{modules[p].out_features} output channels and {cs[0]} reads "
+                            f"{modules[cs[0]].in_features}; calib knows how they line up for the same "
+                            "channels, Phi-3's gate_up_proj and qkv_proj, GPT-NeoX's query_key_value and a "
+                            "grouped-query v_proj, not here")
+                    continue
+                source, rows = mapped
             offset = 1.0 if "Gemma" in type(modules[p]).__name__ and not isinstance(modules[p], nn.Linear) else 0.0
-            pairs.append(SmoothPair(producer=p, consumers=cs, offset=offset))
+            pairs.append(SmoothPair(producer=p, consumers=cs, offset=offset, source=source, producer_channels=rows))
             claimed.update(cs)
     order = {name: i for i, name in enumerate(modules)}
     pairs.sort(key=lambda pair: order[pair.producer])  # model order: the rescaling order is part of the result
@@ -129,17 +239,31 @@ def smoothing_pairs(model: nn.Module, targets: dict[str, nn.Linear],
     return pairs
 
 
-def smoothing_scales(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """``s = amax_x^alpha / amax_w^(1 - alpha)`` per input channel; 1 where a channel saw nothing."""
-    return _scales(act_amax, _weight_amax(weights), alpha)
+def smoothing_scales(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha: float,
+                     source: torch.Tensor | None = None) -> torch.Tensor:
+    """``s = amax_x^alpha / amax_w^(1 - alpha)`` per input channel; 1 where a channel saw nothing.
+    With ``source`` (:attr:`SmoothPair.source`), channels reading one producer channel
+    share the maxima of the group, hence one scale."""
+    return _scales(act_amax, _weight_amax(weights), alpha, source)
+
+
+def tie(values: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+    """``values`` with each channel replaced by the maximum over the channels that
+    read the same producer channel (``source``); unchanged without ``source``."""
+    if source is None:
+        return values
+    source = source.to(values.device)
+    group = torch.zeros(int(source.max()) + 1, dtype=values.dtype, device=values.device)
+    return group.scatter_reduce(0, source, values, "amax", include_self=False)[source]
 
 
 def _weight_amax(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
 
 
-def _scales(act_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
-    x = act_amax.float()
+def _scales(act_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float,
+            source: torch.Tensor | None = None) -> torch.Tensor:
+    x, w_amax = tie(act_amax.float(), source), tie(w_amax.float(), source)
     s = x.clamp(min=MIN_SCALE).pow(alpha) / w_amax.clamp(min=MIN_SCALE).pow(1.0 - alpha)
     s = torch.where((x > 0) & (w_amax > 0), s, torch.ones_like(s))
     return s.clamp(min=MIN_SCALE)
@@ -219,14 +343,16 @@ REFERENCE_ALPHA = 0.8  # the report compares a searched alpha's error with this 
 
 def choose_smoothing(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha: float | str, *,
                      rows: torch.Tensor | None = None, grid: tuple[float, ...] | list[float] = DEFAULT_GRID,
-                     weight_args=None, input_args=None, descend: bool = True) -> SmoothChoice:
+                     weight_args=None, input_args=None, descend: bool = True,
+                     source: torch.Tensor | None = None) -> SmoothChoice:
     """The scales for one pair: :func:`smoothing_scales` at ``alpha``, or with
     ``alpha == "search"`` the grid's alpha whose :func:`smoothing_error` on ``rows``
     is smallest: with ``descend``, the local minimum :func:`descend_grid` walks to from
     the grid's alpha nearest :data:`REFERENCE_ALPHA` (~4 alphas scored a pair instead of
-    16); otherwise every alpha of the grid is scored (the first on ties)."""
+    16); otherwise every alpha of the grid is scored (the first on ties). ``source``:
+    :func:`smoothing_scales`'s."""
     if alpha != "search":
-        return SmoothChoice(smoothing_scales(act_amax, weights, float(alpha)), float(alpha))
+        return SmoothChoice(smoothing_scales(act_amax, weights, float(alpha), source), float(alpha))
     if rows is None or rows.shape[0] == 0:
         raise ValueError("alpha: search needs sampled calibration rows")
     scorer, w_amax = _Scorer(rows, act_amax, weights, weight_args, input_args), _weight_amax(weights)
@@ -234,13 +360,13 @@ def choose_smoothing(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha:
 
     def score(a: float) -> float:
         if a not in scores:
-            scores[a] = scorer.error(_scales(act_amax, w_amax, a))
+            scores[a] = scorer.error(_scales(act_amax, w_amax, a, source))
         return scores[a]
 
     alphas = sorted(set(grid))
     best = descend_grid(alphas, score) if descend else min(alphas, key=lambda a: (score(a), a))
     reference = score(REFERENCE_ALPHA)
-    return SmoothChoice(_scales(act_amax, w_amax, best), best, scores[best], reference,
+    return SmoothChoice(_scales(act_amax, w_amax, best, source), best, scores[best], reference,
                         scored=len(set(scores) & set(alphas)))
 
 
@@ -268,7 +394,7 @@ def smooth_pair(model: nn.Module, pair: SmoothPair, observer, recipe) -> SmoothC
     rows = observer.sampler.rows if observer.sampler is not None else None
     choice = choose_smoothing(observer.amax, weights, args.alpha, rows=rows, grid=args.grid or DEFAULT_GRID,
                               weight_args=recipe.weights, input_args=recipe.input_activations,
-                              descend=args.descends)
+                              descend=args.descends, source=pair.source)
     observer.sampler = None
     return choice
 
@@ -313,10 +439,10 @@ def describe(choices: dict[str, SmoothChoice]) -> str:
 @torch.no_grad()
 def apply_smoothing(model: nn.Module, pair: SmoothPair, scales: torch.Tensor) -> None:
     """Divide the producer's output channels by ``scales`` (a weight acting as
-    ``offset + w`` becomes ``(offset + w) / s - offset``), multiply the consumers'
-    inputs by them."""
+    ``offset + w`` becomes ``(offset + w) / s - offset``; through
+    :meth:`SmoothPair.producer_scales`), multiply the consumers' inputs by them."""
     producer = model.get_submodule(pair.producer)
-    s = scales.to(producer.weight.device)
+    s = pair.producer_scales(scales).to(producer.weight.device)
     if isinstance(producer, nn.Linear):
         producer.weight.div_(s.to(producer.weight.dtype).unsqueeze(1))
     elif pair.offset:
@@ -327,7 +453,7 @@ def apply_smoothing(model: nn.Module, pair: SmoothPair, scales: torch.Tensor) ->
         producer.bias.div_(s.to(producer.bias.dtype))
     for name in pair.consumers:
         linear = model.get_submodule(name)
-        linear.weight.mul_(s.to(linear.weight.dtype).unsqueeze(0))
+        linear.weight.mul_(scales.to(linear.weight.device, linear.weight.dtype).unsqueeze(0))
 
 
 def preservation_tolerance(dtype: torch.dtype) -> float:
