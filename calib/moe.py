@@ -175,7 +175,9 @@ class LinearExperts(nn.ModuleList):
         apply_gate = self._fused._apply_gate
         counts = [0] * len(self) if session is not None else None
         for e, expert in enumerate(self):
-            token_idx, position = torch.where(top_k_index == e)
+            # rows ordered by top-k position, then token, as transformers' fused loop orders them: a GEMM's
+            # rounding can depend on where a row sits (the tail rows of a block), so this keeps it exact
+            position, token_idx = torch.where((top_k_index == e).T)
             if counts is not None:
                 counts[e] = int(real[token_idx].sum()) if real is not None else int(token_idx.numel())
             if self.route_all and session is not None:
