@@ -204,13 +204,18 @@ def test_every_family_writes_the_same_checkpoint_sequentially(family, family_fol
             assert raw(out[name]) == raw(source[name]), name  # untouched: byte for byte
 
 
-@pytest.mark.parametrize("family", ["gemma", "phi3", "opt", "gpt_neox"])
-def test_smoothquant_families_write_the_same_checkpoint_sequentially(family, family_folders, tmp_path):
-    """SmoothQuant beyond Llama (Gemma's 1 + w norms, Phi-3's fused projections, OPT's
-    LayerNorm biases and fc1 -> fc2, GPT-NeoX): the sequential writer's transforms of
-    the source give the in-memory model's smoothed tensors, bit for bit."""
+@pytest.mark.parametrize("family, recipe", [("gemma", "int8-w8a8-static"), ("phi3", "int8-w8a8-static"),
+                                            ("opt", "int8-w8a8-static"), ("gpt_neox", "int8-w8a8-static"),
+                                            ("bert", "int8-w8a8-static"), ("phi3", "int8-w8a8-gptq")])
+def test_smoothquant_families_write_the_same_checkpoint_sequentially(family, recipe, family_folders, tmp_path):
+    """SmoothQuant beyond Llama (Gemma's 1 + w norms, Phi-3's fused projections as
+    consumers and, through their value and up rows, producers; OPT's LayerNorm biases
+    and fc1 -> fc2, GPT-NeoX's interleaved value rows, BERT's value -> output): the
+    sequential writer's transforms of the source give the in-memory model's smoothed
+    tensors, bit for bit; with GPTQ in order, Phi-3's rounded qkv_proj and
+    gate_up_proj take their rows' rescaling the same way in both."""
     folder = family_folders[family]
-    kwargs = dict(model=str(folder), recipe="int8-w8a8-static", dataset=str(TINYSTORIES_TEXT), num_samples=6,
+    kwargs = dict(model=str(folder), recipe=recipe, dataset=str(TINYSTORIES_TEXT), num_samples=6,
                   seq_len=32, batch_size=3, progress=False)
     whole = calib.run(output=tmp_path / "whole", mode="in-memory", **kwargs)
     seq = calib.run(output=tmp_path / "seq", mode="sequential", **kwargs)
