@@ -20,7 +20,8 @@ import calib
 from calib.errors import CalibInputError
 from calib.moe import LinearExperts, unfuse_experts
 from calib.quantize import plan_for
-from conftest import TINYSTORIES
+from calib.data import build_calibration_set
+from conftest import TINYSTORIES, TINYSTORIES_TEXT
 from test_native_names import file_tensors, raw
 
 MOE = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -258,3 +259,32 @@ def test_gptq_solves_every_expert_and_rounds_a_starved_one_to_nearest_reported(s
     assert gptq["in_order_layers"] == 1 and list(gptq["two_pass_layers"]) == ["model.layers.1"]
     assert "model.layers.1.mlp." in gptq["two_pass_layers"]["model.layers.1"]
     assert ta[f"{expert}.gate_proj.weight"].dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_every_expert_is_smoothed_up_to_down_and_both_modes_write_it_alike(family, moe_models, tmp_path):
+    """SmoothQuant in an MoE layer: each routed expert's up -> down under the
+    checkpoint's names (Mixtral's w3 -> w2) and the shared expert's; the model keeps
+    its function, and the sequential writer's transforms of the per-expert source
+    tensors give the in-memory checkpoint, bit for bit."""
+    up = "w3" if family == "mixtral" else "up_proj"
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(moe_models[family])).eval()
+    with torch.no_grad():
+        before = model(IDS).logits
+    recipe = calib.load_recipe("int8-w8a8-static")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(moe_models[family]))
+    data = build_calibration_set(tokenizer, TINYSTORIES_TEXT, num_samples=6, seq_len=48)
+    cal = calib.calibrate(model, recipe, data, batch_size=3, progress=False)
+    with torch.no_grad():
+        after = model(IDS).logits
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    experts = [p for p in cal.smoothing if ".experts." in p]
+    assert sorted(experts) == sorted(f"model.layers.{i}.mlp.experts.{e}.{up}" for i in range(2) for e in range(4))
+    if family == "qwen2_moe":
+        assert "model.layers.1.mlp.shared_expert.up_proj" in cal.smoothing
+    kwargs = dict(model=str(moe_models[family]), recipe="int8-w8a8-static", dataset=str(TINYSTORIES_TEXT), **RUN)
+    whole = calib.run(output=tmp_path / "whole", mode="in-memory", **kwargs)
+    seq = calib.run(output=tmp_path / "seq", mode="sequential", **kwargs)
+    assert whole["smoothquant_pairs"] == seq["smoothquant_pairs"] == len(cal.smoothing)
+    ta, tb = file_tensors(tmp_path / "whole"), file_tensors(tmp_path / "seq")
+    assert set(ta) == set(tb) and all(raw(ta[n]) == raw(tb[n]) for n in ta)

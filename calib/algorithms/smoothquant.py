@@ -32,6 +32,10 @@ decoder layer), the defaults covering the architecture matrix, or the recipe's
   ``post_attention_layernorm -> mlp.dense_h_to_4h`` (GELU: no fc pair), and the
   value rows of ``query_key_value`` (interleaved per head) -> ``attention.dense``.
   OPT: ``self_attn.v_proj -> self_attn.out_proj`` too.
+* Mixture-of-experts layers: each routed expert's up -> down (under the
+  checkpoint's names, Mixtral's ``w3 -> w2``) and the shared experts' (an expert
+  no calibration token reached is left as it is); the norm before the experts is
+  no producer (the router reads it too, and stays in float).
 * BERT: ``attention.self.value -> attention.output.dense``. Its post-LayerNorms
   are no producers: ``attention.output.LayerNorm``'s output is also the residual,
   so rescaling it for ``intermediate.dense`` changes the model (llm-compressor does
@@ -89,6 +93,8 @@ DEFAULT_MAPPINGS: list[tuple[str, list[str]]] = [
     ("post_attention_layernorm", ["mlp.gate_up_proj"]),
     ("post_attention_layernorm", ["mlp.dense_h_to_4h"]),
     ("mlp.up_proj", ["mlp.down_proj"]),
+    ("mlp.shared_expert.up_proj", ["mlp.shared_expert.down_proj"]),  # Qwen2-MoE
+    ("mlp.shared_experts.up_proj", ["mlp.shared_experts.down_proj"]),  # DeepSeek-V3
     ("mlp.gate_up_proj", ["mlp.down_proj"]),
     ("self_attn.v_proj", ["self_attn.o_proj"]),
     ("self_attn.qkv_proj", ["self_attn.o_proj"]),
@@ -172,6 +178,21 @@ def _source_channels(model: nn.Module, producer_name: str, producer: nn.Module, 
 VALUE_PRODUCERS = ("v_proj", "qkv_proj", "query_key_value", "value")  # producers whose rows are the attention's values
 
 
+def _expert_pairs(layer: nn.Module, base: str, targets: dict[str, nn.Linear], claimed: set[str]) -> list[SmoothPair]:
+    """Each routed expert's up -> down (:class:`calib.moe.ExpertMLP`: down reads
+    ``act(gate) * up``), under the checkpoint's names (Mixtral: ``w3 -> w2``)."""
+    from calib.moe import ExpertMLP
+
+    out = []
+    for sub, module in layer.named_modules():
+        if isinstance(module, ExpertMLP):
+            up, down = f"{base}.{sub}.{module.names.up}", f"{base}.{sub}.{module.names.down}"
+            if up in targets and down in targets and down not in claimed:
+                out.append(SmoothPair(producer=up, consumers=[down]))
+                claimed.add(down)
+    return out
+
+
 def smoothing_pairs(model: nn.Module, targets: dict[str, nn.Linear],
                     mappings: list[tuple[str, list[str]]] | None = None, *,
                     kv_cache: bool = False) -> list[SmoothPair]:
@@ -230,6 +251,8 @@ def smoothing_pairs(model: nn.Module, targets: dict[str, nn.Linear],
             offset = 1.0 if "Gemma" in type(modules[p]).__name__ and not isinstance(modules[p], nn.Linear) else 0.0
             pairs.append(SmoothPair(producer=p, consumers=cs, offset=offset, source=source, producer_channels=rows))
             claimed.update(cs)
+        if mappings is None:
+            pairs.extend(_expert_pairs(layer, base, targets, claimed))
     order = {name: i for i, name in enumerate(modules)}
     pairs.sort(key=lambda pair: order[pair.producer])  # model order: the rescaling order is part of the result
     if mappings is not None:
