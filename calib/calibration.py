@@ -195,11 +195,12 @@ def _run_batches(model, plan, data, batch_size, pad_token_id, groups, kv_observe
 def _smooth(model, recipe, plan, data, batch_size, pad_token_id, progress, choices: dict) -> int:
     """SmoothQuant: a pass for per-channel input ranges (and, with ``alpha: search``,
     sampled input rows), then rescale the model in place; ``choices`` gets each pair's."""
-    pairs = smoothing_pairs(model, plan.targets, recipe.smoothquant.mapping_list(), kv_cache=recipe.kv_cache is not None)
+    pairs = smoothing_pairs(model, plan.targets, recipe.smoothquant.mapping_list(),
+                            kv_cache=recipe.kv_cache is not None)
     if not pairs:
         raise CalibInputError(f"recipe {recipe.name!r} asks for SmoothQuant, but {type(model).__name__} has no "
-                              "norm -> projection pairs among its quantized layers (see "
-                              "calib.algorithms.smoothquant.DEFAULT_MAPPINGS; give smoothquant.mappings)")
+                              "SmoothQuant pairs (norm -> projections, up -> down, v -> o) among its quantized "
+                              "layers (see calib.algorithms.smoothquant.DEFAULT_MAPPINGS; give smoothquant.mappings)")
     groups = [InputGroup(names=[pair.consumers[0]], observer=ChannelMaxObserver(search_rows(recipe)))
               for pair in pairs]
     _run_batches(model, plan, data, batch_size, pad_token_id, groups, {}, kv=False, progress=progress,

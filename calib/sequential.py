@@ -496,8 +496,8 @@ def _streams(model: nn.Module, recipe: Recipe, plan: Plan, layout: DecoderLayers
                                 kv_cache=recipe.kv_cache is not None)
         if not pairs:
             raise CalibInputError(f"recipe {recipe.name!r} asks for SmoothQuant, but {type(model).__name__} has no "
-                                  "norm -> projection pairs among its quantized layers (see "
-                                  "calib.algorithms.smoothquant.DEFAULT_MAPPINGS; give smoothquant.mappings)")
+                                  "SmoothQuant pairs (norm -> projections, up -> down, v -> o) among its quantized "
+                                  "layers (see calib.algorithms.smoothquant.DEFAULT_MAPPINGS; give smoothquant.mappings)")
         for pair in pairs:
             where = {layout.layer_of(n) for n in [pair.producer, *pair.consumers]}
             if len(where) != 1 or None in where:
