@@ -497,7 +497,8 @@ def _streams(model: nn.Module, recipe: Recipe, plan: Plan, layout: DecoderLayers
         if not pairs:
             raise CalibInputError(f"recipe {recipe.name!r} asks for SmoothQuant, but {type(model).__name__} has no "
                                   "SmoothQuant pairs (norm -> projections, up -> down, v -> o) among its quantized "
-                                  "layers (see calib.algorithms.smoothquant.DEFAULT_MAPPINGS; give smoothquant.mappings)")
+                                  "layers (see calib.algorithms.smoothquant.DEFAULT_MAPPINGS; give "
+                                  "smoothquant.mappings)")
         for pair in pairs:
             where = {layout.layer_of(n) for n in [pair.producer, *pair.consumers]}
             if len(where) != 1 or None in where:
