@@ -142,13 +142,14 @@ def value_channels(heads: int, kv_heads: int, head_dim: int, base: int = 0, stri
     return base + (h // (heads // kv_heads)) * (stride or head_dim) + d
 
 
-def _source_channels(model: nn.Module, producer_name: str, producer: nn.Module, consumer: nn.Linear):
+def _source_channels(model: nn.Module, shape: tuple[int, int, int] | None, producer_name: str, producer: nn.Module,
+                     consumer: nn.Linear):
     """How the consumer's input channels map onto a Linear producer's output rows:
     ``(None, 0)`` for the same channels, ``(source, rows)`` for a part of a fused
-    producer or a grouped-query value, ``None`` when calib does not know the layout."""
+    producer or a grouped-query value, ``None`` when calib does not know the layout.
+    ``shape``: :func:`_attention_shape`."""
     rows, width = producer.out_features, consumer.in_features
     leaf = producer_name.rsplit(".", 1)[-1]
-    shape = _attention_shape(model)
     if leaf == "gate_up_proj":  # Phi-3: gate, up = chunk(2); down reads up * act(gate)
         return (torch.arange(width, 2 * width), rows) if rows == 2 * width else None
     if leaf == "qkv_proj":  # Phi-3: [q | k | v] rows
@@ -210,6 +211,7 @@ def smoothing_pairs(model: nn.Module, targets: dict[str, nn.Linear],
     except Exception:  # not a layered model calib knows: nothing to smooth
         return []
     modules = dict(model.named_modules())
+    shape = _attention_shape(model)
     rules = mappings if mappings is not None else DEFAULT_MAPPINGS
     used = [False] * len(rules)
     pairs = []
@@ -237,7 +239,7 @@ def smoothing_pairs(model: nn.Module, targets: dict[str, nn.Linear],
                         "values whose cache it quantizes; drop one of the two")
                 continue
             if isinstance(modules[p], nn.Linear):
-                mapped = _source_channels(model, p, modules[p], modules[cs[0]])
+                mapped = _source_channels(model, shape, p, modules[p], modules[cs[0]])
                 if mapped is None:
                     if mappings is not None:
                         raise CalibInputError(
@@ -269,7 +271,7 @@ def smoothing_scales(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha:
     """``s = amax_x^alpha / amax_w^(1 - alpha)`` per input channel; 1 where a channel saw nothing.
     With ``source`` (:attr:`SmoothPair.source`), channels reading one producer channel
     share the maxima of the group, hence one scale."""
-    return _scales(act_amax, _weight_amax(weights), alpha, source)
+    return _scales(tie(act_amax.float(), source), tie(_weight_amax(weights), source), alpha)
 
 
 def tie(values: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
@@ -286,9 +288,9 @@ def _weight_amax(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
 
 
-def _scales(act_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float,
-            source: torch.Tensor | None = None) -> torch.Tensor:
-    x, w_amax = tie(act_amax.float(), source), tie(w_amax.float(), source)
+def _scales(act_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """:func:`smoothing_scales` from maxima already tied (:func:`tie`)."""
+    x, w_amax = act_amax.float(), w_amax.float()
     s = x.clamp(min=MIN_SCALE).pow(alpha) / w_amax.clamp(min=MIN_SCALE).pow(1.0 - alpha)
     s = torch.where((x > 0) & (w_amax > 0), s, torch.ones_like(s))
     return s.clamp(min=MIN_SCALE)
@@ -380,18 +382,19 @@ def choose_smoothing(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha:
         return SmoothChoice(smoothing_scales(act_amax, weights, float(alpha), source), float(alpha))
     if rows is None or rows.shape[0] == 0:
         raise ValueError("alpha: search needs sampled calibration rows")
-    scorer, w_amax = _Scorer(rows, act_amax, weights, weight_args, input_args), _weight_amax(weights)
+    scorer = _Scorer(rows, act_amax, weights, weight_args, input_args)  # static ranges: the channels' own
+    x, w_amax = tie(act_amax.float(), source), tie(_weight_amax(weights), source)  # once, not per alpha
     scores: dict[float, float] = {}
 
     def score(a: float) -> float:
         if a not in scores:
-            scores[a] = scorer.error(_scales(act_amax, w_amax, a, source))
+            scores[a] = scorer.error(_scales(x, w_amax, a))
         return scores[a]
 
     alphas = sorted(set(grid))
     best = descend_grid(alphas, score) if descend else min(alphas, key=lambda a: (score(a), a))
     reference = score(REFERENCE_ALPHA)
-    return SmoothChoice(_scales(act_amax, w_amax, best, source), best, scores[best], reference,
+    return SmoothChoice(_scales(x, w_amax, best), best, scores[best], reference,
                         scored=len(set(scores) & set(alphas)))
 
 
